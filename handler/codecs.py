@@ -1,0 +1,252 @@
+"""Request rows in, responses out: the wire formats, with no torch and no TorchServe.
+
+TorchServe hands the handler one dict per request. Its keys are the multipart field names, or
+``body`` for a raw body; JSON bodies arrive already parsed, text bodies as ``str``, anything else as
+``bytearray``. (TorchServe 0.12 does not pass query parameters to the handler on /predictions.)
+This module turns one such row into an
+ordered list of image payloads, and the engine's results back into the matching response shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+BODY_KEYS = ("body", "data")
+OPTION_KEYS = frozenset({"topk"})  # multipart fields that are options, never images
+DATA_URI_MARKER = ";base64,"
+
+
+@dataclass(frozen=True)
+class ImageError:
+    """Why one image could not be classified; it becomes that image's entry in the response."""
+
+    status: int
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"status": self.status, "message": self.message}}
+
+
+class RequestError(Exception):
+    """The request as a whole is unusable: it gets this HTTP status and message, nothing else."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"status": self.status, "message": self.message}}
+
+
+Payload = bytes | ImageError
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int
+    max_image_bytes: int
+    max_topk: int
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    payloads: list[Payload]
+    envelope: str  # "plain", "kserve_v1" or "kserve_v2"
+    topk: int | None = None
+    request_id: str | None = None  # KServe v2 echoes the caller's id
+
+
+def parse_request(row: Mapping[str, Any], limits: Limits) -> ParsedRequest:
+    """Turn one TorchServe request row into ordered payloads; raise RequestError if unusable."""
+    if not isinstance(row, Mapping):
+        raise RequestError(400, "the request could not be read")
+    topk = _parse_topk(row.get("topk"), limits)
+    image_fields = [(key, value) for key, value in row.items() if key not in OPTION_KEYS]
+    if not image_fields:
+        raise RequestError(400, "the request contains no image: send the image as the body, as multipart "
+                                "file fields, or as JSON {\"images\": [\"<base64>\", ...]}")
+
+    if len(image_fields) == 1 and image_fields[0][0] in BODY_KEYS:
+        parsed = _parse_body(image_fields[0][1], limits)
+    else:
+        parsed = ParsedRequest([_field_payload(key, value, limits) for key, value in image_fields], "plain")
+    _check_count(len(parsed.payloads), limits)
+    if topk is not None:
+        parsed = ParsedRequest(parsed.payloads, parsed.envelope, topk, parsed.request_id)
+    return parsed
+
+
+def _parse_body(body: Any, limits: Limits) -> ParsedRequest:
+    if isinstance(body, (bytes, bytearray)) and _looks_like_json(body):
+        try:
+            body = json.loads(bytes(body))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RequestError(400, f"the body is not valid JSON: {error}") from None
+    elif isinstance(body, str):
+        if _looks_like_json(body.encode()):
+            try:
+                body = json.loads(body)
+            except json.JSONDecodeError as error:
+                raise RequestError(400, f"the body is not valid JSON: {error}") from None
+        else:
+            return ParsedRequest([_base64_payload(body, 0, limits)], "plain")
+
+    if isinstance(body, (bytes, bytearray)):
+        if len(body) == 0:
+            raise RequestError(400, "the request body is empty: send an image")
+        return ParsedRequest([_raw_payload(body, 0, limits)], "plain")
+    if isinstance(body, Mapping):
+        return _parse_json_object(body, limits)
+    raise RequestError(
+        400,
+        "a JSON body must be an object such as {\"images\": [\"<base64>\", ...]}; "
+        f"got a JSON {type(body).__name__}",
+    )
+
+
+def _parse_json_object(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
+    topk = _parse_topk(body.get("topk"), limits)
+    if "images" in body:
+        images = body["images"]
+        if not isinstance(images, list):
+            raise RequestError(400, "\"images\" must be a list of base64 strings")
+        _check_count(len(images), limits)
+        return ParsedRequest([_json_item_payload(item, i, limits) for i, item in enumerate(images)], "plain", topk)
+    if "instances" in body:
+        instances = body["instances"]
+        if not isinstance(instances, list):
+            raise RequestError(400, "\"instances\" must be a list like [{\"data\": \"<base64>\"}]")
+        _check_count(len(instances), limits)
+        return ParsedRequest(
+            [_kserve_v1_payload(item, i, limits) for i, item in enumerate(instances)], "kserve_v1", topk
+        )
+    if "inputs" in body:
+        return _parse_kserve_v2(body, limits, topk)
+    raise RequestError(
+        400,
+        "unrecognised JSON body: expected {\"images\": [...]}, KServe v1 {\"instances\": [...]} "
+        "or KServe v2 {\"inputs\": [...]}",
+    )
+
+
+def _parse_kserve_v2(body: Mapping[str, Any], limits: Limits, topk: int | None) -> ParsedRequest:
+    inputs = body["inputs"]
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError(400, "\"inputs\" must be a non-empty list of tensors with datatype BYTES")
+    items: list[Any] = []
+    for tensor in inputs:
+        if not isinstance(tensor, Mapping) or not isinstance(tensor.get("data"), list):
+            raise RequestError(400, "each entry of \"inputs\" needs a \"data\" list of base64 strings")
+        if tensor.get("datatype", "BYTES") != "BYTES":
+            raise RequestError(400, f"input datatype must be BYTES (base64 images); got {tensor.get('datatype')!r}")
+        items.extend(tensor["data"])
+    _check_count(len(items), limits)
+    request_id = body.get("id") if isinstance(body.get("id"), str) else None
+    payloads = [_json_item_payload(item, i, limits) for i, item in enumerate(items)]
+    return ParsedRequest(payloads, "kserve_v2", topk, request_id)
+
+
+def _kserve_v1_payload(instance: Any, index: int, limits: Limits) -> Payload:
+    if isinstance(instance, Mapping):
+        for key in ("data", "b64"):
+            if key in instance:
+                return _json_item_payload(instance[key], index, limits)
+        return ImageError(400, f"instance {index} has no \"data\" or \"b64\" field")
+    return _json_item_payload(instance, index, limits)
+
+
+def _json_item_payload(item: Any, index: int, limits: Limits) -> Payload:
+    if isinstance(item, Mapping) and "b64" in item:
+        item = item["b64"]
+    if not isinstance(item, str):
+        return ImageError(400, f"image {index} must be a base64 string; got a JSON {type(item).__name__}")
+    return _base64_payload(item, index, limits)
+
+
+def _field_payload(name: str, value: Any, limits: Limits) -> Payload:
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) == 0:
+            return ImageError(400, f"field {name!r} is empty")
+        return _raw_payload(value, name, limits)
+    if isinstance(value, str):
+        return _base64_payload(value, name, limits)
+    return ImageError(400, f"field {name!r} must be an image file; got JSON")
+
+
+def _raw_payload(data: bytes | bytearray, label: int | str, limits: Limits) -> Payload:
+    if len(data) > limits.max_image_bytes:
+        return ImageError(
+            413, f"image {label} is {len(data)} bytes; the limit is {limits.max_image_bytes} bytes per image"
+        )
+    return bytes(data)
+
+
+def _base64_payload(text: str, label: int | str, limits: Limits) -> Payload:
+    marker = text.find(DATA_URI_MARKER, 0, 100)
+    if text.startswith("data:") and marker != -1:
+        text = text[marker + len(DATA_URI_MARKER):]
+    text = text.strip()
+    if not text:
+        return ImageError(400, f"image {label} is empty")
+    if len(text) * 3 // 4 > limits.max_image_bytes + 2:
+        return ImageError(413, f"image {label} is larger than the limit of {limits.max_image_bytes} bytes per image")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return ImageError(400, f"image {label} is not valid base64")
+    return _raw_payload(data, label, limits)
+
+
+def _parse_topk(value: Any, limits: Limits) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    try:
+        topk = int(value)
+    except (TypeError, ValueError):
+        raise RequestError(400, f"topk must be a whole number; got {value!r}") from None
+    if not 1 <= topk <= limits.max_topk:
+        raise RequestError(400, f"topk must be between 1 and {limits.max_topk}; got {topk}")
+    return topk
+
+
+def _check_count(count: int, limits: Limits) -> None:
+    if count == 0:
+        raise RequestError(400, "the request contains no image")
+    if count > limits.max_images:
+        raise RequestError(
+            413, f"the request has {count} images; the limit is {limits.max_images} per request"
+        )
+
+
+def _looks_like_json(data: bytes | bytearray) -> bool:
+    return bytes(data[:64]).lstrip()[:1] in (b"{", b"[")
+
+
+def encode_response(parsed: ParsedRequest, entries: Sequence[dict[str, Any]], model_name: str) -> Any:
+    """Wrap the per-image entries in the shape the request came in."""
+    if parsed.envelope == "kserve_v1":
+        return {"predictions": list(entries)}
+    if parsed.envelope == "kserve_v2":
+        response: dict[str, Any] = {
+            "model_name": model_name,
+            "outputs": [
+                {
+                    "name": "predictions",
+                    "datatype": "BYTES",
+                    "shape": [len(entries)],
+                    "data": [json.dumps(entry) for entry in entries],
+                }
+            ],
+        }
+        if parsed.request_id is not None:
+            response["id"] = parsed.request_id
+        return response
+    return list(entries)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Run the whole test suite:   scripts/test.sh [pytest args]
+# Same setup as serve.sh (.venv, pinned requirements), plus the test tools. Needs Java 11+ for TorchServe.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup_env.sh requirements-dev.txt
+echo ">> ruff"
+ruff check handler scripts tests
+echo ">> pytest"
+python -m pytest -ra "$@"

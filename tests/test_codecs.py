@@ -1,0 +1,104 @@
+import base64
+import json
+
+import pytest
+
+from handler.codecs import ImageError, Limits, ParsedRequest, RequestError, encode_response, parse_request
+
+LIMITS = Limits(max_images=4, max_image_bytes=1000, max_topk=1000)
+JPEG = b"\xff\xd8\xff\xe0fake-but-nonempty"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_raw_body_is_one_image():
+    parsed = parse_request({"body": bytearray(JPEG)}, LIMITS)
+    assert parsed.payloads == [JPEG] and parsed.envelope == "plain"
+
+
+def test_multipart_fields_keep_their_order_and_topk_field_is_an_option():
+    row = {"b": bytearray(b"2"), "a": bytearray(b"1"), "topk": bytearray(b"3"), "c": bytearray(b"3")}
+    parsed = parse_request(row, LIMITS)
+    assert parsed.payloads == [b"2", b"1", b"3"]
+    assert parsed.topk == 3
+
+
+def test_multipart_text_field_is_read_as_base64():
+    parsed = parse_request({"x": b64(JPEG), "y": bytearray(JPEG)}, LIMITS)
+    assert parsed.payloads == [JPEG, JPEG]
+
+
+def test_json_images_list_parsed_by_torchserve():
+    parsed = parse_request({"body": {"images": [b64(JPEG), "data:image/jpeg;base64," + b64(b"xy")]}}, LIMITS)
+    assert parsed.payloads == [JPEG, b"xy"]
+
+
+def test_json_sent_without_content_type_is_still_understood():
+    body = bytearray(json.dumps({"images": [b64(JPEG)], "topk": 2}).encode())
+    parsed = parse_request({"body": body}, LIMITS)
+    assert parsed.payloads == [JPEG] and parsed.topk == 2
+
+
+def test_bad_items_become_per_image_errors_and_keep_their_place():
+    parsed = parse_request({"body": {"images": [b64(JPEG), "not base64!", 7, "", b64(b"z" * 2000)]}},
+                           Limits(max_images=8, max_image_bytes=1000, max_topk=1000))
+    first, bad_b64, wrong_type, empty, too_big = parsed.payloads
+    assert first == JPEG
+    assert isinstance(bad_b64, ImageError) and bad_b64.status == 400 and "base64" in bad_b64.message
+    assert isinstance(wrong_type, ImageError) and "must be a base64 string" in wrong_type.message
+    assert isinstance(empty, ImageError) and empty.status == 400
+    assert isinstance(too_big, ImageError) and too_big.status == 413
+
+
+def test_oversized_raw_image_is_413_for_that_image():
+    parsed = parse_request({"a": bytearray(b"x" * 1001), "b": bytearray(JPEG)}, LIMITS)
+    assert isinstance(parsed.payloads[0], ImageError) and parsed.payloads[0].status == 413
+    assert parsed.payloads[1] == JPEG
+
+
+@pytest.mark.parametrize(
+    ("row", "status", "fragment"),
+    [
+        ({"body": bytearray()}, 400, "body is empty"),
+        ({"body": bytearray(b'{"images": [')}, 400, "not valid JSON"),
+        ({"body": {"pictures": []}}, 400, "unrecognised JSON body"),
+        ({"body": {"images": "abc"}}, 400, "must be a list"),
+        ({"body": {"images": []}}, 400, "contains no image"),
+        ({"body": [1, 2]}, 400, "must be an object"),
+        ({"body": {"images": [b64(JPEG)] * 5}}, 413, "limit is 4 per request"),
+        ({f"f{i}": bytearray(JPEG) for i in range(5)}, 413, "limit is 4 per request"),
+        ({"body": {"images": [b64(JPEG)], "topk": 0}}, 400, "topk must be between 1 and 1000"),
+        ({"body": {"images": [b64(JPEG)], "topk": "many"}}, 400, "topk must be a whole number"),
+        ({"topk": bytearray(b"2")}, 400, "contains no image"),
+        ({"body": {"inputs": [{"name": "x", "datatype": "FP32", "data": [1.0]}]}}, 400, "datatype must be BYTES"),
+    ],
+)
+def test_malformed_requests_are_rejected_as_a_whole(row, status, fragment):
+    with pytest.raises(RequestError) as error:
+        parse_request(row, LIMITS)
+    assert error.value.status == status
+    assert fragment in error.value.message
+
+
+def test_kserve_v1_and_v2_bodies():
+    v1 = parse_request({"body": {"instances": [{"data": b64(JPEG)}, {"b64": b64(b"q")}, {"other": 1}]}}, LIMITS)
+    assert v1.envelope == "kserve_v1" and v1.payloads[:2] == [JPEG, b"q"]
+    assert isinstance(v1.payloads[2], ImageError)
+    v2 = parse_request(
+        {"body": {"id": "r1", "inputs": [{"name": "img", "shape": [2], "datatype": "BYTES",
+                                          "data": [b64(JPEG), b64(b"q")]}]}},
+        LIMITS,
+    )
+    assert v2.envelope == "kserve_v2" and v2.payloads == [JPEG, b"q"] and v2.request_id == "r1"
+
+
+def test_encode_response_matches_the_request_envelope():
+    entries = [{"topk": []}, {"error": {"status": 400, "message": "x"}}]
+    assert encode_response(ParsedRequest([], "plain"), entries, "m") == entries
+    assert encode_response(ParsedRequest([], "kserve_v1"), entries, "m") == {"predictions": entries}
+    v2 = encode_response(ParsedRequest([], "kserve_v2", request_id="r1"), entries, "m")
+    assert v2["id"] == "r1" and v2["model_name"] == "m"
+    assert [json.loads(item) for item in v2["outputs"][0]["data"]] == entries
+    assert v2["outputs"][0]["shape"] == [2]

@@ -1,0 +1,187 @@
+"""End to end: build the .mar, start a real TorchServe on free loopback ports with token auth, talk HTTP."""
+
+import base64
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+
+import psutil
+import pytest
+import requests
+import torch
+import yaml
+from conftest import REPO
+from reference import reference_tensor
+from ts_server import TorchServe
+
+from handler.config import HandlerConfig
+from handler.engine import InferenceEngine
+from handler.model import load_model
+
+pytestmark = pytest.mark.e2e
+MODEL = "resnet50"
+
+
+@pytest.fixture(scope="module")
+def model_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("model_store")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_mar.py"), "--export-path", str(store)],
+                   check=True, capture_output=True)
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(model_store):
+    server = TorchServe(model_store, [f"{MODEL}.mar"])
+    server.start()
+    yield server
+    server.stop()
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def in_process_engine(model_store, tmp_path_factory):
+    """Our engine in this process, with the weights and settings packed in the served archive."""
+    folder = tmp_path_factory.mktemp("unpacked")
+    with zipfile.ZipFile(model_store / f"{MODEL}.mar") as archive:
+        archive.extractall(folder)
+    config = HandlerConfig.from_model_yaml(yaml.safe_load((folder / "model-config.yaml").read_text()))
+    engine = InferenceEngine(config, load_model(config, folder / f"{MODEL}.pt", torch.device("cpu")),
+                             torch.device("cpu"))
+    yield engine
+    engine.close()
+
+
+def indices(entry):
+    return [item["index"] for item in entry["topk"]]
+
+
+def assert_matches_engine(entries, expected):
+    assert len(entries) == len(expected)
+    for entry, want in zip(entries, expected, strict=True):
+        assert indices(entry) == [i for i, _ in want]
+        for item, (_, score) in zip(entry["topk"], want, strict=True):
+            assert item["score"] == pytest.approx(score, abs=2e-3)
+
+
+def test_raw_body_put_and_post(server, imagenet_photos, in_process_engine):
+    url = f"{server.inference_url}/predictions/{MODEL}"
+    expected = in_process_engine.predict([imagenet_photos[0]])
+    put = requests.put(url, data=imagenet_photos[0], headers=server.headers(), timeout=60)
+    post = requests.post(url, data=imagenet_photos[0], timeout=60,
+                         headers={**server.headers(), "Content-Type": "image/jpeg"})
+    for response in (put, post):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert len(body) == 1 and len(body[0]["topk"]) == 5
+        assert_matches_engine(body, expected)
+        assert {"label", "index", "score"} == set(body[0]["topk"][0])
+
+
+def test_multipart_with_32_photos_returns_32_entries_in_order(server, imagenet_photos, in_process_engine):
+    photos = imagenet_photos[:32]
+    files = {f"image{i:02d}": (f"p{i}.jpg", photo, "image/jpeg") for i, photo in enumerate(photos)}
+    started = time.perf_counter()
+    response = requests.post(f"{server.inference_url}/predictions/{MODEL}", files=files,
+                             headers=server.headers(), timeout=300)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200, response.text
+    entries = response.json()
+    print(f"\n32-photo multipart request: {elapsed * 1e3:.0f} ms")
+    assert_matches_engine(entries, in_process_engine.predict(photos))
+    with torch.inference_mode():
+        reference = in_process_engine.model(torch.stack([reference_tensor(p) for p in photos]))
+    agreeing = sum(e["topk"][0]["index"] == int(r.argmax()) for e, r in zip(entries, reference, strict=True))
+    agreement = agreeing / len(photos)
+    print(f"top-1 agreement with the full-decode reference pipeline: {agreement:.0%}")
+    assert agreement >= 0.9
+
+
+def test_json_request_with_a_bad_image_keeps_the_good_ones(server, imagenet_photos, in_process_engine):
+    images = [base64.b64encode(p).decode() for p in imagenet_photos[:2]]
+    body = {"images": [images[0], "definitely not base64!", images[1]], "topk": 3}
+    response = requests.post(f"{server.inference_url}/predictions/{MODEL}", json=body,
+                             headers=server.headers(), timeout=60)
+    assert response.status_code == 200, response.text
+    good0, bad, good1 = response.json()
+    assert bad["error"]["status"] == 400 and "base64" in bad["error"]["message"]
+    expected = in_process_engine.predict(imagenet_photos[:2], topk=3)
+    assert_matches_engine([good0, good1], expected)
+
+
+def test_malformed_and_undecodable_requests_get_4xx(server, mixed_images):
+    url = f"{server.inference_url}/predictions/{MODEL}"
+    broken = requests.post(url, data=b'{"images": [', timeout=60,
+                           headers={**server.headers(), "Content-Type": "application/json"})
+    assert broken.status_code == 400
+    svg = requests.put(url, data=b"<svg xmlns='http://www.w3.org/2000/svg'/>", headers=server.headers(), timeout=60)
+    assert svg.status_code == 415 and "unsupported" in svg.json()["error"]["message"]
+    fine = requests.post(url, files={"a": mixed_images["rgba.png"], "b": mixed_images["grey16.png"]},
+                         headers=server.headers(), timeout=60)
+    assert fine.status_code == 200 and all("topk" in entry for entry in fine.json())
+
+
+def test_requests_without_a_valid_token_are_refused(server, imagenet_photos):
+    url = f"{server.inference_url}/predictions/{MODEL}"
+    assert requests.put(url, data=imagenet_photos[0], timeout=30).status_code in (400, 401)
+    wrong = {"Authorization": "Bearer not-the-key"}
+    assert requests.put(url, data=imagenet_photos[0], headers=wrong, timeout=30).status_code in (400, 401)
+    assert requests.get(f"{server.inference_url}/ping", timeout=30).status_code in (400, 401)
+    management = f"{server.management_url}/models/{MODEL}"
+    assert requests.get(management, timeout=30).status_code in (400, 401)
+    # the inference key does not open the management API
+    assert requests.get(management, headers=server.headers("inference"), timeout=30).status_code in (400, 401)
+    assert requests.get(management, headers=server.headers("management"), timeout=30).status_code == 200
+
+
+def test_model_api_is_off(server):
+    response = requests.post(f"{server.management_url}/models", params={"url": "x.mar"},
+                             headers=server.headers("management"), timeout=30)
+    assert response.status_code == 405
+
+
+def test_scale_to_two_workers_and_back_while_requests_flow(server, imagenet_photos):
+    url = f"{server.inference_url}/predictions/{MODEL}"
+    files = {f"image{i}": photo for i, photo in enumerate(imagenet_photos[:4])}
+    outcomes: list[int] = []
+    stop = threading.Event()
+
+    def client():
+        deadline = time.monotonic() + 240
+        while not stop.is_set() and time.monotonic() < deadline:
+            response = requests.post(url, files=files, headers=server.headers(), timeout=120)
+            outcomes.append(response.status_code)
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for thread in clients:
+        thread.start()
+    try:
+        time.sleep(2)
+        server.scale(MODEL, 2)
+        assert server.ready_workers(MODEL) == 2
+        time.sleep(3)
+        server.scale(MODEL, 1)
+        assert server.ready_workers(MODEL) == 1
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    print(f"\nrequests during scaling: {len(outcomes)}, failed: {sum(code != 200 for code in outcomes)}")
+    assert len(outcomes) >= 4
+    assert all(code == 200 for code in outcomes), outcomes
+
+
+def test_stopping_leaves_no_process_behind(model_store, imagenet_photos):
+    server = TorchServe(model_store, [f"{MODEL}.mar"])
+    server.start()
+    processes = server.processes()
+    assert len(processes) >= 2  # the Java frontend and at least one Python worker
+    response = requests.put(f"{server.inference_url}/predictions/{MODEL}", data=imagenet_photos[0],
+                            headers=server.headers(), timeout=60)
+    assert response.status_code == 200
+    server.stop()
+    server.cleanup()
+    assert not any(process.is_running() and process.status() != psutil.STATUS_ZOMBIE for process in processes)

@@ -1,0 +1,152 @@
+"""The engine without a server: batching, strategies, ordering, errors, buckets."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_config
+from reference import reference_tensor
+
+from handler import preprocess
+from handler.codecs import ImageError
+from handler.engine import InferenceEngine, bucket_for, resolve_buckets
+from handler.preprocess import Preprocessor
+
+
+def engine_for(model, **overrides):
+    return InferenceEngine(make_config(**overrides), model, torch.device("cpu"))
+
+
+def assert_same_predictions(left, right, tolerance=1e-4):
+    assert len(left) == len(right)
+    for a, b in zip(left, right, strict=True):
+        if isinstance(a, ImageError) or isinstance(b, ImageError):
+            assert a == b
+            continue
+        assert [i for i, _ in a] == [i for i, _ in b]
+        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=tolerance)
+
+
+def test_predictions_match_the_reference_pipeline_on_the_same_model(small_model, imagenet_photos):
+    photos = imagenet_photos[:8]
+    engine = engine_for(small_model)
+    ours = engine.predict(photos, topk=5)
+    with torch.inference_mode():
+        reference = torch.softmax(small_model(torch.stack([reference_tensor(p) for p in photos])), dim=1)
+    for result, probabilities in zip(ours, reference, strict=True):
+        assert result[0][0] == int(probabilities.argmax())
+        assert abs(result[0][1] - float(probabilities.max())) < 0.02
+    engine.close()
+
+
+def test_batched_equals_one_by_one(small_model, imagenet_photos):
+    photos = imagenet_photos[:10]
+    engine = engine_for(small_model)
+    batched = engine.predict(photos)
+    alone = [engine.predict([photo])[0] for photo in photos]
+    assert_same_predictions(batched, alone)
+    engine.close()
+
+
+def test_requests_larger_than_max_batch_are_chunked_in_order(small_model, imagenet_photos):
+    photos = imagenet_photos[:19]
+    chunked = engine_for(small_model, max_batch=4)
+    whole = engine_for(small_model, max_batch=32)
+    assert_same_predictions(chunked.predict(photos), whole.predict(photos))
+    chunked.close()
+    whole.close()
+
+
+@pytest.mark.parametrize("strategy", ["dataloader", "inline"])
+def test_every_strategy_produces_the_same_crops(strategy, imagenet_photos, mixed_images):
+    payloads = imagenet_photos[:5] + list(mixed_images.values()) + [b"not an image"]
+    threads = Preprocessor(make_config(decode_strategy="threads"))
+    other = Preprocessor(make_config(decode_strategy=strategy, dataloader_workers=2, dataloader_batch_size=4))
+    for ours, theirs in zip(threads.map(payloads), other.map(payloads), strict=True):
+        if isinstance(ours, ImageError):
+            assert ours == theirs
+        else:
+            np.testing.assert_array_equal(ours, theirs)
+    threads.close()
+    other.close()
+
+
+def test_bad_images_keep_their_place_and_do_not_disturb_the_others(small_model, imagenet_photos):
+    good = imagenet_photos[:3]
+    engine = engine_for(small_model, max_batch=2)
+    mixed = [good[0], b"garbage", good[1], ImageError(413, "too big"), good[2], good[0][:100]]
+    results = engine.predict(mixed)
+    assert isinstance(results[1], ImageError) and results[1].status == 415
+    assert results[3] == ImageError(413, "too big")
+    assert isinstance(results[5], ImageError) and results[5].status == 400
+    assert engine.last_timings.rejected == {415: 1, 413: 1, 400: 1}
+    assert_same_predictions([results[0], results[2], results[4]], engine.predict(good))
+    engine.close()
+
+
+def test_all_bad_batch_gives_only_errors(small_model):
+    engine = engine_for(small_model)
+    results = engine.predict([b"x", b"y"])
+    assert all(isinstance(r, ImageError) for r in results)
+    engine.close()
+
+
+def test_inputs_are_not_mutated(small_model, imagenet_photos):
+    engine = engine_for(small_model)
+    payloads = list(imagenet_photos[:3])
+    snapshot = [bytes(p) for p in payloads]
+    engine.predict(payloads)
+    assert payloads == snapshot
+    batch = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
+    before = batch.clone()
+    engine.normalize(batch)
+    assert torch.equal(batch, before)
+    engine.close()
+
+
+def test_normalize_is_channels_last_and_matches_float_math(small_model):
+    engine = engine_for(small_model)
+    batch = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
+    images = engine.normalize(batch)
+    assert images.shape == (2, 3, 224, 224)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    expected = (batch.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-5)
+    engine.close()
+
+
+def test_buckets():
+    config = make_config(max_batch=64)
+    assert resolve_buckets(config, torch.device("cpu")) == ()
+    assert resolve_buckets(config, torch.device("cuda", 0)) == (1, 8, 32, 64)
+    assert resolve_buckets(make_config(max_batch=8), torch.device("cuda", 0)) == (1, 8)
+    assert resolve_buckets(make_config(max_batch=8, batch_buckets=(2, 8)), torch.device("cpu")) == (2, 8)
+    assert [bucket_for(n, (1, 8, 32)) for n in (1, 2, 8, 9, 32)] == [1, 8, 8, 32, 32]
+    assert bucket_for(5, ()) == 5
+
+
+def test_padding_to_a_bucket_does_not_change_results(small_model, imagenet_photos):
+    photos = imagenet_photos[:3]
+    padded = engine_for(small_model, batch_buckets=(1, 8))
+    unpadded = engine_for(small_model)
+    assert_same_predictions(padded.predict(photos), unpadded.predict(photos))
+    assert padded.warm_up() == [1, 8]
+    padded.close()
+    unpadded.close()
+
+
+def test_pool_is_created_once_and_reused_by_every_request(small_model, imagenet_photos, monkeypatch):
+    created = []
+    real_pool = preprocess.ThreadPoolExecutor
+
+    def counting_pool(*args, **kwargs):
+        created.append(kwargs)
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "ThreadPoolExecutor", counting_pool)
+    engine = engine_for(small_model, decode_threads=3)
+    engine.predict(imagenet_photos[:2])
+    engine.predict(imagenet_photos[2:4])
+    assert created == [{"max_workers": 3, "thread_name_prefix": "decode"}]
+    engine.close()

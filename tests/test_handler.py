@@ -1,0 +1,130 @@
+"""The TorchServe handler without a server, driven through TorchServe's own Context class."""
+
+import base64
+import json
+import logging
+
+import pytest
+import torch
+import torchvision
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.metrics.metric_type_enum import MetricTypes
+
+from handler.model import LABELS_FILE, WEIGHTS_INFO_FILE
+from handler.torchserve_handler import ImageBatchHandler
+
+METRICS_YAML = str(__import__("ts").__path__[0]) + "/configs/metrics.yaml"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), folder / "weights.pt")
+    (folder / LABELS_FILE).write_text(json.dumps({str(i): f"class-{i}" for i in range(1000)}))
+    (folder / WEIGHTS_INFO_FILE).write_text(json.dumps({"source": "random", "seed": 0}))
+    return folder
+
+
+def make_context(model_dir, batch_size):
+    metrics = MetricsCacheYamlImpl(METRICS_YAML)
+    metrics.initialize_cache()
+    context = Context(
+        "tiny", str(model_dir), {"model": {"modelName": "tiny", "serializedFile": "weights.pt"}},
+        batch_size, None, "0.12.0", metrics=metrics,
+        model_yaml_config={"maxWorkers": 1, "handler": {"architecture": "resnet18", "max_batch": 4,
+                                                        "decode_threads": 2}},
+    )
+    return context
+
+
+@pytest.fixture(scope="module")
+def handler(model_dir):
+    handler = ImageBatchHandler()
+    handler.initialize(make_context(model_dir, 8))
+    yield handler
+    handler.engine.close()
+
+
+def run_batch(handler, model_dir, rows):
+    context = make_context(model_dir, len(rows))
+    context.request_processor = [RequestProcessor({}) for _ in rows]
+    context.metrics.set_request_ids({i: f"req-{i}" for i in range(len(rows))})
+    responses = handler.handle(rows, context)
+    statuses = [context.get_response_status(i)[0] for i in range(len(rows))]
+    return responses, statuses, context
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def test_untrained_weights_are_announced_loudly(model_dir, caplog):
+    caplog.set_level(logging.WARNING)
+    handler = ImageBatchHandler()
+    handler.initialize(make_context(model_dir, 1))
+    assert handler.untrained
+    assert "UNTRAINED" in caplog.text and "predictions are meaningless" in caplog.text
+    handler.engine.close()
+
+
+def test_one_answer_per_request_with_malformed_requests_and_corrupt_images(handler, model_dir, imagenet_photos):
+    good = imagenet_photos[:4]
+    rows = [
+        {"body": bytearray(good[0])},                                               # raw, good
+        {"body": bytearray(b'{"images": [')},                                       # broken JSON
+        {"a": bytearray(good[1]), "b": bytearray(good[2][:300]), "c": bytearray(good[3])},  # corrupt in middle
+        {"body": {"images": [b64(good[1]), "%%%"], "topk": 2}},                     # JSON with bad base64
+        {"body": bytearray()},                                                      # empty
+        {"body": bytearray(b"GIF89a-not-really")},                                  # one image, undecodable
+        {"body": {"images": [b64(good[0])] * 65}},                                  # too many images
+    ]
+    responses, statuses, _ = run_batch(handler, model_dir, rows)
+    assert len(responses) == len(rows)
+    assert statuses == [200, 400, 200, 200, 400, 415, 413]
+
+    alone = {i: handler.engine.predict([good[i]])[0] for i in range(4)}
+    assert [t["index"] for t in responses[0][0]["topk"]] == [i for i, _ in alone[0]]
+    assert responses[0][0]["topk"][0]["label"] == f"class-{alone[0][0][0]}"
+    assert "not valid JSON" in responses[1]["error"]["message"]
+    assert [t["index"] for t in responses[2][0]["topk"]] == [i for i, _ in alone[1]]
+    assert responses[2][1]["error"]["status"] == 400 and "corrupt" in responses[2][1]["error"]["message"]
+    assert [t["index"] for t in responses[2][2]["topk"]] == [i for i, _ in alone[3]]
+    assert len(responses[3][0]["topk"]) == 2 and "base64" in responses[3][1]["error"]["message"]
+    assert responses[4]["error"]["status"] == 400
+    assert responses[5]["error"]["status"] == 415
+    assert "limit is 64 per request" in responses[6]["error"]["message"]
+
+
+def test_kserve_bodies_answer_in_their_own_shape(handler, model_dir, imagenet_photos):
+    rows = [
+        {"body": {"instances": [{"data": b64(imagenet_photos[0])}, {"b64": b64(imagenet_photos[1])}]}},
+        {"body": {"id": "abc", "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
+                                           "data": [b64(imagenet_photos[2])]}]}},
+    ]
+    responses, statuses, _ = run_batch(handler, model_dir, rows)
+    assert statuses == [200, 200]
+    assert len(responses[0]["predictions"]) == 2 and "topk" in responses[0]["predictions"][1]
+    assert responses[1]["id"] == "abc" and responses[1]["model_name"] == "tiny"
+    assert "topk" in json.loads(responses[1]["outputs"][0]["data"][0])
+
+
+def test_a_failing_model_answers_every_request_with_500(handler, model_dir, imagenet_photos, monkeypatch):
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(handler.engine, "model", broken_forward)
+    rows = [{"body": bytearray(imagenet_photos[0])}, {"a": bytearray(imagenet_photos[1]), "b": bytearray(b"x")}]
+    responses, statuses, _ = run_batch(handler, model_dir, rows)
+    assert statuses == [500, 200]
+    assert responses[0]["error"]["status"] == 500
+    assert responses[1][0]["error"]["status"] == 500 and responses[1][1]["error"]["status"] == 415
+
+
+def test_batch_metrics_are_recorded(handler, model_dir, imagenet_photos):
+    _, _, context = run_batch(handler, model_dir, [{"a": bytearray(imagenet_photos[0]), "b": bytearray(b"zz")}])
+    for name in ("ImagesProcessed", "ImagesRejected"):
+        assert context.metrics.get_metric(name, MetricTypes.COUNTER) is not None
+    for name in ("InferenceTime", "DecodeWaitTime", "BatchHandleTime", "ImagesPerRequest"):
+        assert context.metrics.get_metric(name, MetricTypes.GAUGE) is not None
