@@ -22,6 +22,7 @@ class ServerMetrics:
             from ts.metrics.dimension import Dimension
 
             self._cache.add_counter("ImagesProcessed", timings.images)
+            self._cache.add_metric("RequestsPerBatch", requests, "count", metric_type=_gauge())
             self._cache.add_metric("ImagesPerRequest", timings.images / max(requests, 1), "count",
                                    metric_type=_gauge())
             self._cache.add_time("DecodeWaitTime", timings.decode_wait * 1e3)

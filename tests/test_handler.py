@@ -126,5 +126,5 @@ def test_batch_metrics_are_recorded(handler, model_dir, imagenet_photos):
     _, _, context = run_batch(handler, model_dir, [{"a": bytearray(imagenet_photos[0]), "b": bytearray(b"zz")}])
     for name in ("ImagesProcessed", "ImagesRejected"):
         assert context.metrics.get_metric(name, MetricTypes.COUNTER) is not None
-    for name in ("InferenceTime", "DecodeWaitTime", "BatchHandleTime", "ImagesPerRequest"):
+    for name in ("InferenceTime", "DecodeWaitTime", "BatchHandleTime", "ImagesPerRequest", "RequestsPerBatch"):
         assert context.metrics.get_metric(name, MetricTypes.GAUGE) is not None

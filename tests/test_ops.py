@@ -1,0 +1,247 @@
+"""Operations against a real TorchServe: hostile input, limits, metrics, KServe URLs, scaling under load, faults.
+
+Loopback only; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import requests
+import yaml
+from conftest import REPO
+from hostile import awkward_but_valid, json_hostile, raw_hostile
+from ts_server import TorchServe
+
+pytestmark = pytest.mark.e2e
+MODEL = "resnet50"
+MAX_IMAGE_BYTES = 3_000_000
+MAX_REQUEST_BYTES = 30_000_000
+OPS_MODEL_CONFIG = {
+    "minWorkers": 1,
+    "maxWorkers": 3,
+    "batchSize": 8,
+    "maxBatchDelay": 100,
+    "responseTimeout": 120,
+    "handler": {"max_image_bytes": MAX_IMAGE_BYTES, "max_images_per_request": 40, "max_batch": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ops")
+    config = folder / "model-config.yaml"
+    config.write_text(yaml.safe_dump(OPS_MODEL_CONFIG))
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_mar.py"), "--config", str(config),
+                    "--export-path", str(folder)], check=True, capture_output=True)
+    server = TorchServe(folder, [f"{MODEL}.mar"], extra_config={"max_request_size": str(MAX_REQUEST_BYTES)})
+    server.start()
+    yield server
+    server.stop()
+    server.cleanup()
+
+
+def predict(server, timeout=120, content_type=None, **kwargs):
+    headers = server.headers() | ({"Content-Type": content_type} if content_type else {})
+    return requests.post(f"{server.inference_url}/predictions/{MODEL}", headers=headers, timeout=timeout, **kwargs)
+
+
+def test_hostile_inputs_inside_batches_get_their_own_errors(server, imagenet_photos):
+    workers_before = server.worker_pids(MODEL)
+    good = imagenet_photos[:3]
+    hostile = raw_hostile(good[0], MAX_IMAGE_BYTES)
+    valid = awkward_but_valid(good[1])
+    files, expected = [], []
+    for index, (name, (payload, status)) in enumerate(hostile.items()):
+        if index % 2 == 0:
+            files.append((f"good{index}", good[index % 3]))
+            expected.append(200)
+        files.append((name, payload))
+        expected.append(status)
+    for name, payload in valid.items():
+        files.append((name, payload))
+        expected.append(200)
+    response = predict(server, files=[(name, (name, data)) for name, data in files])
+    assert response.status_code == 200, response.text[:500]
+    entries = response.json()
+    assert len(entries) == len(files)
+    for (name, _), want, entry in zip(files, expected, entries, strict=True):
+        if want == 200:
+            assert "topk" in entry, (name, entry)
+        else:
+            assert "error" in entry and entry["error"]["status"] == want, (name, entry)
+            assert len(entry["error"]["message"]) > 10, (name, entry)
+
+    items = json_hostile()
+    good_b64 = base64.b64encode(good[2]).decode()
+    body = {"images": [good_b64, *(item for item, _ in items.values()), good_b64]}
+    response = predict(server, json=body)
+    entries = response.json()
+    assert response.status_code == 200 and len(entries) == len(items) + 2
+    assert "topk" in entries[0] and "topk" in entries[-1]
+    for (name, (_, status)), entry in zip(items.items(), entries[1:-1], strict=True):
+        assert entry["error"]["status"] == status, (name, entry)
+
+    print(f"\nkinds of bad input tried: {len(hostile) + len(items)} "
+          f"(plus {len(valid)} awkward-but-valid images)")
+    assert len(hostile) + len(items) >= 20
+    assert server.worker_pids(MODEL) == workers_before  # the worker never restarted
+
+
+def test_request_level_limits(server, imagenet_photos):
+    too_many = {f"image{i}": imagenet_photos[0] for i in range(41)}
+    response = predict(server, files=too_many)
+    assert response.status_code == 413 and "limit is 40 per request" in response.json()["error"]["message"]
+    oversized = predict(server, data=b"\xff\xd8" + b"\x00" * (MAX_REQUEST_BYTES + 1000), content_type="image/jpeg")
+    assert oversized.status_code == 413  # refused by TorchServe's frontend (max_request_size)
+    assert predict(server, files={"a": imagenet_photos[0]}).status_code == 200
+
+
+def test_metrics_are_scraped_in_prometheus_format(server, imagenet_photos):
+    predict(server, files={"a": imagenet_photos[0], "b": b"not an image"})
+    deadline = time.monotonic() + 30
+    text = ""
+    while time.monotonic() < deadline:
+        text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text  # no token on the metrics port
+        if "ImagesRejected" in text and "InferenceTime" in text:
+            break
+        time.sleep(1)
+    for name in ("ImagesProcessed", "ImagesRejected", "InferenceTime", "DecodeWaitTime", "BatchHandleTime",
+                 "RequestsPerBatch", "ts_inference_requests_total"):
+        assert name in text, name
+    assert re.search(r'ImagesRejected\{[^}]*Status="415"', text)
+
+
+def test_kserve_v1_and_v2_urls_keep_batching(server, imagenet_photos):
+    photos = [base64.b64encode(p).decode() for p in imagenet_photos[:4]]
+    plain = predict(server, files={f"i{n}": p for n, p in enumerate(imagenet_photos[:4])}).json()
+    top1 = [entry["topk"][0]["index"] for entry in plain]
+    v1_url = f"{server.inference_url}/v1/models/{MODEL}:predict"
+    v2_url = f"{server.inference_url}/v2/models/{MODEL}/infer"
+    frontend_log = server.workdir / "logs" / "ts_log.log"  # backend [METRICS] lines land here in Prometheus mode
+    already_logged = len(frontend_log.read_bytes())
+
+    def call(index):
+        if index % 2:
+            body = {"instances": [{"data": photos[index % 4]}, {"b64": photos[(index + 1) % 4]}]}
+            return "v1", index, requests.post(v1_url, json=body, headers=server.headers(), timeout=120)
+        body = {"id": f"req-{index}", "inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
+                                                  "data": [photos[index % 4], photos[(index + 1) % 4]]}]}
+        return "v2", index, requests.post(v2_url, json=body, headers=server.headers(), timeout=120)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(call, range(16)))
+    for protocol, index, response in answers:
+        assert response.status_code == 200, response.text[:300]
+        body = response.json()
+        if protocol == "v1":
+            entries = body["predictions"]
+        else:
+            assert body["id"] == f"req-{index}"
+            entries = [json.loads(item) for item in body["outputs"][0]["data"]]
+        assert [e["topk"][0]["index"] for e in entries] == [top1[index % 4], top1[(index + 1) % 4]]
+
+    new_lines = frontend_log.read_bytes()[already_logged:].decode("utf-8", "replace")
+    batch_sizes = [float(v) for v in re.findall(r"\[METRICS\]RequestsPerBatch\.[A-Za-z]+:([0-9.]+)", new_lines)]
+    print(f"\nrequests per handler call for 16 concurrent KServe requests: {batch_sizes}")
+    assert max(batch_sizes) > 1  # TorchServe batched several KServe requests into one handler call
+
+
+def run_clients(server, photos, count, stop, outcomes, deadline_s=300):
+    files = {f"image{i}": photo for i, photo in enumerate(photos)}
+
+    def client():
+        deadline = time.monotonic() + deadline_s
+        while not stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                code = predict(server, files=files).status_code
+            except requests.RequestException:
+                code = -1
+            outcomes.append((started, time.monotonic(), code))
+
+    threads = [threading.Thread(target=client) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def rss(pids):
+    return {pid: psutil.Process(pid).memory_info().rss for pid in pids if psutil.pid_exists(pid)}
+
+
+def test_load_while_scaling_1_to_3_to_1(server, imagenet_photos):
+    photos = imagenet_photos[:4]
+    for _ in range(6):  # steady state before measuring memory
+        assert predict(server, files={f"i{n}": p for n, p in enumerate(photos)}).status_code == 200
+    start_rss = rss(server.worker_pids(MODEL))
+    stop, outcomes = threading.Event(), []
+    threads = run_clients(server, photos, 3, stop, outcomes)
+    try:
+        time.sleep(3)
+        server.scale(MODEL, 3)
+        assert server.ready_workers(MODEL) == 3
+        time.sleep(8)
+        server.scale(MODEL, 1)
+        assert server.ready_workers(MODEL) == 1
+        time.sleep(5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    end_rss = rss(server.worker_pids(MODEL))
+    failures = [code for _, _, code in outcomes if code != 200]
+    survivors = set(start_rss) & set(end_rss)
+    growth = max((end_rss[p] / start_rss[p] - 1 for p in survivors), default=None)
+    if growth is None:  # the original worker was the one stopped: compare the survivor with it
+        growth = max(end_rss.values()) / max(start_rss.values()) - 1
+    print(f"\nrequests under scaling 1->3->1: {len(outcomes)}, failed: {len(failures)}, "
+          f"worker RSS growth: {growth:+.1%} ({max(start_rss.values()) / 2**20:.0f} MiB at start)")
+    assert len(outcomes) >= 10
+    assert failures == []
+    assert growth <= 0.10
+
+
+def test_killed_worker_is_restarted_and_later_requests_succeed(server, imagenet_photos):
+    photos = imagenet_photos[:2]
+    victim = server.worker_pids(MODEL)[0]
+    stop, outcomes = threading.Event(), []
+    threads = run_clients(server, photos, 2, stop, outcomes)
+    try:
+        time.sleep(3)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        recovered_at = None
+        deadline = killed_at + 180
+        while time.monotonic() < deadline:
+            pids = server.worker_pids(MODEL)
+            if server.ready_workers(MODEL) >= 1 and victim not in pids:
+                recovered_at = time.monotonic()
+                break
+            time.sleep(0.2)
+        assert recovered_at is not None, "TorchServe did not restart the killed worker"
+        time.sleep(5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    in_flight_failures = [o for o in outcomes if o[2] != 200 and o[0] <= killed_at]
+    later_failures = [o for o in outcomes if o[2] != 200 and o[0] > killed_at]
+    after_recovery = [o for o in outcomes if o[0] > recovered_at]
+    print(f"\nworker killed: recovery in {recovered_at - killed_at:.1f} s; requests {len(outcomes)}, "
+          f"failed in flight {len(in_flight_failures)}, failed later {len(later_failures)}, "
+          f"after recovery {len(after_recovery)} (all 200)")
+    assert len(in_flight_failures) <= 2  # at most one request in flight per client
+    assert later_failures == []
+    assert after_recovery and all(code == 200 for _, _, code in after_recovery)
