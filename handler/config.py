@@ -8,15 +8,30 @@ Every invalid value is rejected at start-up with a message that says what to wri
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 DECODE_STRATEGIES = ("threads", "dataloader", "inline")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "bf16")
+START_METHODS = ("forkserver", "spawn", "fork")
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 quota (a container's CPU limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity is the limit
+    return max(1, cores)
 
 
 class ConfigError(ValueError):
@@ -39,12 +54,14 @@ class HandlerConfig:
     decode_threads: int = 0  # 0: derived from the cores and max_workers
     dataloader_workers: int = 2
     dataloader_batch_size: int = 32
+    # forkserver: forking this process (decode threads, torch threads, maybe CUDA) can deadlock a worker.
+    dataloader_start_method: str = "forkserver"
     pin_memory: bool = True
 
     # Model execution.
     max_batch: int = 32
     device: str = "auto"
-    decode_device: str = "cpu"
+    decode_device: str = "auto"  # auto: JPEGs decoded on the model's GPU when it has one
     precision: str = "fp32"
     channels_last: bool = True
     batch_buckets: tuple[int, ...] = ()  # empty: no padding (CPU); see resolved_buckets()
@@ -65,7 +82,7 @@ class HandlerConfig:
 
     # TorchServe's maxWorkers for this model: the pool and torch threads share the cores among them.
     max_workers: int = 1
-    cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
+    cpu_count: int = field(default_factory=lambda: available_cpus())
 
     def __post_init__(self) -> None:
         _require(self.crop_size >= 1, "crop_size must be a positive number of pixels")
@@ -83,6 +100,10 @@ class HandlerConfig:
         _require(self.decode_threads >= 0, "decode_threads must be 0 (automatic) or a positive number")
         _require(self.dataloader_workers >= 0, "dataloader_workers must be 0 or more")
         _require(self.dataloader_batch_size >= 1, "dataloader_batch_size must be greater than 0")
+        _require(
+            self.dataloader_start_method in START_METHODS,
+            f"dataloader_start_method must be one of {', '.join(START_METHODS)}; got {self.dataloader_start_method!r}",
+        )
         _require(self.max_batch >= 1, "max_batch must be greater than 0")
         _require(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         _require(

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from handler.codecs import ImageError, Payload
-from handler.config import HandlerConfig
+from handler.config import ConfigError, HandlerConfig
+from handler.device_decode import DeviceJpegDecoder
 from handler.model import model_dtype
-from handler.preprocess import Decoded, Preprocessor
+from handler.preprocess import Decoded, Preprocessor, transform_spec
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,18 @@ def resolve_buckets(config: HandlerConfig, device: torch.device) -> tuple[int, .
     if device.type != "cuda":
         return ()
     return tuple(sorted({b for b in DEFAULT_CUDA_BUCKETS if b < config.max_batch} | {config.max_batch}))
+
+
+def device_decoder_for(config: HandlerConfig, device: torch.device) -> DeviceJpegDecoder | None:
+    """The batched JPEG decoder on the model's GPU, when configured (auto: whenever the model is on CUDA).
+
+    Never on the CPU: there it decodes at full size, slower than PIL's reduced-DCT decode.
+    """
+    if config.decode_device == "cpu" or (config.decode_device == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise ConfigError("decode_device 'cuda' needs the model on CUDA; use decode_device: auto or cpu")
+    return DeviceJpegDecoder(transform_spec(config), device)
 
 
 def bucket_for(count: int, buckets: Sequence[int]) -> int:
@@ -72,12 +85,14 @@ class InferenceEngine:
         model: torch.nn.Module,
         device: torch.device,
         preprocessor: Preprocessor | None = None,
+        device_decoder: DeviceJpegDecoder | None = None,
     ) -> None:
         self.config = config
         self.model = model
         self.device = device
         self.dtype = model_dtype(config, device)
         self.preprocessor = preprocessor or Preprocessor(config)
+        self.device_decoder = device_decoder or device_decoder_for(config, device)
         self.buckets = resolve_buckets(config, device)
         self.last_timings = Timings()
         pin = device.type == "cuda" and config.pin_memory
@@ -105,7 +120,7 @@ class InferenceEngine:
         results: list[TopK | ImageError | None] = [None] * len(payloads)
         pending: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
         with torch.inference_mode():
-            for chunk in self._chunks(self.preprocessor.map(payloads), results, timings):
+            for chunk in self._chunks(self._decoded(payloads), results, timings):
                 started = time.perf_counter()
                 launched = self._guarded(self._launch, chunk.positions, results, chunk, topk)
                 if pending is not None:
@@ -121,6 +136,19 @@ class InferenceEngine:
                 timings.rejected[result.status] = timings.rejected.get(result.status, 0) + 1
         self.last_timings = timings
         return results  # type: ignore[return-value]
+
+    def _decoded(self, payloads: Sequence[Payload]) -> Iterator[Decoded | torch.Tensor]:
+        """Crops in input order. With a device decoder, JPEGs are decoded there one max_batch slice at a
+        time (lazily, so slice k+1 is decoded after chunk k was launched); the rest go to the pool."""
+        if self.device_decoder is None:
+            yield from self.preprocessor.map(payloads)
+            return
+        for start in range(0, len(payloads), self.config.max_batch):
+            part = payloads[start: start + self.config.max_batch]
+            on_device = self.device_decoder.decode(part)
+            routed = self.preprocessor.map([p for p, crop in zip(part, on_device, strict=True) if crop is None])
+            for crop in on_device:
+                yield crop if crop is not None else next(routed)
 
     def _chunks(
         self, decoded: Iterable[Decoded | torch.Tensor], results: list, timings: Timings

@@ -69,6 +69,21 @@ def load_model(config: HandlerConfig, weights_path: Path, device: torch.device) 
     return model
 
 
+def compile_or_eager(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """torch.compile when asked and available; the eager model otherwise (never fails start-up)."""
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception:  # compile support varies by platform and version: eager still serves
+        logger.warning("torch.compile is unavailable; serving the eager model", exc_info=True)
+        return model
+
+
+def eager_model(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
 def warn_if_untrained(model_dir: Path) -> bool:
     """Log loudly when the archive says its weights are a random initialisation."""
     info_path = model_dir / WEIGHTS_INFO_FILE

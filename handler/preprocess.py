@@ -73,6 +73,7 @@ class Preprocessor:
             num_workers=config.dataloader_workers,
             pin_memory=config.pin_memory and torch.cuda.is_available(),
             collate_fn=_collate_crops,
+            multiprocessing_context=config.dataloader_start_method if config.dataloader_workers else None,
         )
         for crops, positions, errors in loader:
             results: list[Decoded | None] = [None] * (len(positions) + len(errors))

@@ -18,7 +18,15 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler.codecs import ImageError, Limits, ParsedRequest, RequestError, encode_response, parse_request
 from handler.config import HandlerConfig
 from handler.engine import InferenceEngine, Timings, TopK
-from handler.model import LABELS_FILE, load_labels, load_model, resolve_device, warn_if_untrained
+from handler.model import (
+    LABELS_FILE,
+    compile_or_eager,
+    eager_model,
+    load_labels,
+    load_model,
+    resolve_device,
+    warn_if_untrained,
+)
 from handler.server_metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -41,16 +49,27 @@ class ImageBatchHandler(BaseHandler):
             max_image_bytes=self.config.max_image_bytes,
             max_topk=self.config.num_classes,
         )
-        self.engine = InferenceEngine(self.config, model, self.device)
-        if self.config.warmup:
-            sizes = self.engine.warm_up()
-            logger.info("warmed up batch sizes %s on %s", sizes, self.device)
+        self.engine = InferenceEngine(self.config, compile_or_eager(model, self.config.compile), self.device)
+        if self.config.warmup or self.config.compile:
+            self._warm_up()
         self.initialized = True
         logger.info(
             "image batch handler ready: device=%s strategy=%s pool=%d torch_threads=%d max_batch=%d",
             self.device, self.config.decode_strategy, self.config.pool_size,
             self.config.intra_op_threads, self.config.max_batch,
         )
+
+    def _warm_up(self) -> None:
+        """Run every bucket once; a model that fails to compile here is replaced by its eager self."""
+        try:
+            sizes = self.engine.warm_up()
+        except Exception:
+            if self.engine.model is eager_model(self.engine.model):
+                raise
+            logger.warning("the compiled model failed during warm-up; serving the eager model", exc_info=True)
+            self.engine.model = eager_model(self.engine.model)
+            sizes = self.engine.warm_up()
+        logger.info("warmed up batch sizes %s on %s", sizes, self.device)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         started = time.perf_counter()

@@ -1,6 +1,8 @@
+import os
+
 import pytest
 
-from handler.config import ConfigError, HandlerConfig
+from handler.config import ConfigError, HandlerConfig, available_cpus
 
 
 def test_defaults_are_valid_imagenet_settings():
@@ -46,6 +48,7 @@ def test_missing_handler_section_gives_defaults():
         ({"max_batch": True}, "max_batch must be a whole number"),
         ({"allowed_formats": []}, "allowed_formats must name at least one format"),
         ({"resize": 256}, "unknown handler setting(s): resize"),
+        ({"dataloader_start_method": "thread"}, "dataloader_start_method must be one of forkserver, spawn, fork"),
     ],
 )
 def test_invalid_settings_are_rejected_with_a_helpful_message(settings, message):
@@ -63,3 +66,12 @@ def test_config_is_immutable():
     config = HandlerConfig()
     with pytest.raises(AttributeError):
         config.max_batch = 3  # type: ignore[misc]
+
+
+def test_available_cpus_respects_a_container_quota(tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")  # a pod limited to 1.5 CPUs
+    assert available_cpus(cpu_max) == min(2, len(os.sched_getaffinity(0)))
+    cpu_max.write_text("max 100000\n")
+    assert available_cpus(cpu_max) == len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path / "missing") == len(os.sched_getaffinity(0))

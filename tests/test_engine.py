@@ -8,8 +8,10 @@ from reference import reference_tensor
 
 from handler import preprocess
 from handler.codecs import ImageError
-from handler.engine import InferenceEngine, bucket_for, resolve_buckets
-from handler.preprocess import Preprocessor
+from handler.config import ConfigError
+from handler.device_decode import DeviceJpegDecoder
+from handler.engine import InferenceEngine, bucket_for, device_decoder_for, resolve_buckets
+from handler.preprocess import Preprocessor, transform_spec
 
 
 def engine_for(model, **overrides):
@@ -150,3 +152,27 @@ def test_pool_is_created_once_and_reused_by_every_request(small_model, imagenet_
     engine.predict(imagenet_photos[2:4])
     assert created == [{"max_workers": 3, "thread_name_prefix": "decode"}]
     engine.close()
+
+
+def test_device_decoder_path_matches_the_pool_path_and_routes_the_rest(small_model, imagenet_photos, mixed_images):
+    """The engine's GPU decode wiring, run with the decoder on the CPU (no GPU here)."""
+    payloads = [imagenet_photos[0], mixed_images["photo.png"], b"broken", imagenet_photos[1],
+                mixed_images["cmyk.jpg"], imagenet_photos[2]]
+    config = make_config(max_batch=4)
+    decoder = DeviceJpegDecoder(transform_spec(config), torch.device("cpu"))
+    with_decoder = InferenceEngine(config, small_model, torch.device("cpu"), device_decoder=decoder)
+    pool_only = engine_for(small_model, max_batch=4)
+    ours, expected = with_decoder.predict(payloads), pool_only.predict(payloads)
+    assert isinstance(ours[2], ImageError) and ours[2] == expected[2]
+    assert_same_predictions([r for r in ours if not isinstance(r, ImageError)],
+                            [r for r in expected if not isinstance(r, ImageError)], tolerance=5e-3)
+    with_decoder.close()
+    pool_only.close()
+
+
+def test_device_decode_is_automatic_only_on_cuda():
+    assert device_decoder_for(make_config(), torch.device("cpu")) is None
+    assert device_decoder_for(make_config(decode_device="cpu"), torch.device("cuda", 0)) is None
+    assert isinstance(device_decoder_for(make_config(), torch.device("cuda", 0)), DeviceJpegDecoder)
+    with pytest.raises(ConfigError, match="needs the model on CUDA"):
+        device_decoder_for(make_config(decode_device="cuda"), torch.device("cpu"))

@@ -27,14 +27,14 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def make_context(model_dir, batch_size):
+def make_context(model_dir, batch_size, **handler_settings):
     metrics = MetricsCacheYamlImpl(METRICS_YAML)
     metrics.initialize_cache()
     context = Context(
         "tiny", str(model_dir), {"model": {"modelName": "tiny", "serializedFile": "weights.pt"}},
         batch_size, None, "0.12.0", metrics=metrics,
         model_yaml_config={"maxWorkers": 1, "handler": {"architecture": "resnet18", "max_batch": 4,
-                                                        "decode_threads": 2}},
+                                                        "decode_threads": 2, **handler_settings}},
     )
     return context
 
@@ -128,3 +128,23 @@ def test_batch_metrics_are_recorded(handler, model_dir, imagenet_photos):
         assert context.metrics.get_metric(name, MetricTypes.COUNTER) is not None
     for name in ("InferenceTime", "DecodeWaitTime", "BatchHandleTime", "ImagesPerRequest", "RequestsPerBatch"):
         assert context.metrics.get_metric(name, MetricTypes.GAUGE) is not None
+
+
+def test_a_model_that_fails_to_compile_falls_back_to_eager(model_dir, imagenet_photos, monkeypatch, caplog):
+    class FailsWhenCalled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, images):
+            raise RuntimeError("inductor backend unavailable (simulated)")
+
+    monkeypatch.setattr(torch, "compile", FailsWhenCalled)
+    caplog.set_level(logging.WARNING)
+    handler = ImageBatchHandler()
+    handler.initialize(make_context(model_dir, 1, compile=True))
+    assert not isinstance(handler.engine.model, FailsWhenCalled)
+    assert "serving the eager model" in caplog.text
+    responses, statuses, _ = run_batch(handler, model_dir, [{"body": bytearray(imagenet_photos[0])}])
+    assert statuses == [200] and "topk" in responses[0][0]
+    handler.engine.close()

@@ -245,3 +245,21 @@ def test_killed_worker_is_restarted_and_later_requests_succeed(server, imagenet_
     assert len(in_flight_failures) <= 2  # at most one request in flight per client
     assert later_failures == []
     assert after_recovery and all(code == 200 for _, _, code in after_recovery)
+
+
+def test_rotating_the_inference_key_revokes_the_old_one(server, imagenet_photos):
+    old_key = server.keys["inference"]
+    response = requests.post(f"{server.management_url}/token", params={"type": "inference"},
+                             headers=server.headers("API"), timeout=30)
+    assert response.status_code == 200, response.text
+    new_key = json.loads((server.workdir / "key_file.json").read_text())["inference"]["key"]
+    assert new_key != old_key
+    server.keys["inference"] = new_key
+    url = f"{server.inference_url}/predictions/{MODEL}"
+    assert requests.put(url, data=imagenet_photos[0], headers={"Authorization": f"Bearer {old_key}"},
+                        timeout=60).status_code in (400, 401)
+    assert requests.put(url, data=imagenet_photos[0], headers=server.headers(), timeout=60).status_code == 200
+    # the management key cannot mint keys: only the API key can
+    refused = requests.post(f"{server.management_url}/token", params={"type": "inference"},
+                            headers=server.headers("management"), timeout=30)
+    assert refused.status_code in (400, 401)
