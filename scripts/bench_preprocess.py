@@ -21,15 +21,19 @@ for recipe and ours only.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import io
 import os
+import pstats
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import torch
 from bench_common import (
     DEFAULT_OUT,
@@ -244,9 +248,31 @@ def input_agreement(set_names: Sequence[str], count: int, device: torch.device) 
     return result
 
 
+def profile_ours(set_name: str, batch: int, top: int = 12) -> list[dict[str, Any]]:
+    """cProfile of our per-image work on one thread (inline strategy): which calls the time goes to."""
+    images = load_set(set_name, batch)
+    preprocessor = Preprocessor(HandlerConfig(decode_strategy="inline", warmup=False))
+    list(preprocessor.map(images[:2]))  # warm-up
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: list(preprocessor.map(images)))
+    stats = pstats.Stats(profiler)
+    total = sum(entry[2] for entry in stats.stats.values())  # type: ignore[attr-defined]
+    rows = []
+    for (filename, line, function), entry in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{Path(filename).name}:{line}({function})", "calls": entry[1],
+                     "own_s": entry[2], "own_pct": 100.0 * entry[2] / total, "ms_per_image": 1e3 * entry[2] / batch})
+    return sorted(rows, key=lambda row: row["own_s"], reverse=True)[:top]
+
+
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     set_names = list(dict.fromkeys(r["set"] for r in rows))
-    figure, axes = new_figure(len(set_names))
+    figure, axes = new_figure(len(set_names), height=5.5)
+    palette = {"stock": "Reds", "recipe": "Blues", "ours": "Greens"}
+    colors = {}
+    for method, cmap in palette.items():
+        labels = list(dict.fromkeys(r["label"] for r in rows if r["method"] == method))
+        for index, label in enumerate(labels):
+            colors[label] = matplotlib.colormaps[cmap](0.45 + 0.45 * index / max(1, len(labels) - 1))
     for axis, set_name in zip(axes[0], set_names, strict=True):
         cell = [r for r in rows if r["set"] == set_name]
         batches = sorted({r["batch"] for r in cell})
@@ -255,12 +281,13 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         for index, label in enumerate(labels):
             values = [next((r["images_per_s"] for r in cell if r["batch"] == b and r["label"] == label), 0.0)
                       for b in batches]
-            axis.bar([i + index * width for i in range(len(batches))], values, width, label=label)
+            axis.bar([i + index * width for i in range(len(batches))], values, width, label=label,
+                     color=colors[label])
         axis.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
         axis.set_yscale("log")
         axis.set_ylabel("images/s (log scale, higher is better)")
         axis.set_title(f"preprocessing: {SET_TITLES.get(set_name, set_name)}", fontsize=10)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     return save_figure(figure, path)
 
 
@@ -294,6 +321,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seconds per method: stop the rounds of a set/batch after that (still 2 timed calls each)")
     parser.add_argument("--check-images", type=int, default=32,
                         help="images per set compared with the full-decode reference (0: skip)")
+    parser.add_argument("--profile", nargs="*", choices=SETS, default=[],
+                        help="also cProfile our per-image work on one thread for these sets (where the time goes)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and PNG")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run for the tests (< 1 minute): small batch, fewer variants, 2 repeats")
@@ -309,14 +338,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    machine = machine_info()  # the date is when the run started
+    # More DataLoader workers than cores is one of the recipe settings being measured, on purpose.
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     device = best_device()
     rows = measure(args, device)
     ratios = speedups(rows)
     agreement = input_agreement(args.sets, args.check_images, device) if args.check_images else []
+    profiles = {set_name: profile_ours(set_name, max(args.batches)) for set_name in args.profile}
     result = {
-        "benchmark": "preprocess", "machine": machine_info(), "device": str(device),
+        "benchmark": "preprocess", "machine": machine, "device": str(device),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": rows, "speedups": ratios, "input_agreement": agreement,
+        "profile": profiles,
         "notes": ["ours/stock compares our best pool size with the best stock variant",
                   "the stock method cannot read the mixed set (it does not convert to RGB)",
                   "batches larger than a set repeat its images cyclically"],
@@ -324,6 +358,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     json_path = write_json(args.out / "bench_preprocess.json", result)
     png_path = plot(rows, args.out / "bench_preprocess.png")
     print(report(rows, ratios, agreement))
+    for set_name, profile in profiles.items():
+        print(f"\nwhere our time goes, {set_name}, one thread (cProfile, own time):\n" + format_table(
+            profile, [("function", "function"), ("calls", "calls"), ("ms_per_image", "ms/image"),
+                      ("own_pct", "% of total")]))
     print(f"\nwrote {json_path} and {png_path}")
 
 

@@ -5,7 +5,7 @@
 # the repo root (so key_file.json lands here), waits until the model answers, prints a ready curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup_env.sh
+source scripts/setup_env.sh requirements.txt  # explicit: this script's own arguments are not for it
 
 if [ "${1:-}" = "stop" ]; then
     torchserve --stop || true
@@ -27,6 +27,10 @@ python scripts/make_corpus.py --out .cache/samples --imagenet 4 --phone 0 >/dev/
 if ! python scripts/wait_ready.py --quiet --timeout 1 >/dev/null 2>&1; then
     echo ">> starting TorchServe (logs in ./logs)"
     mkdir -p logs
-    torchserve --start --ts-config config.properties --model-store model_store --ncs >logs/torchserve.out 2>&1
+    if ! torchserve --start --ts-config config.properties --model-store model_store --ncs >logs/torchserve.out 2>&1; then
+        echo "TorchServe did not start:" >&2
+        cat logs/torchserve.out >&2
+        exit 1
+    fi
 fi
 python scripts/wait_ready.py --timeout 300 --sample .cache/samples/imagenet/imagenet_000.jpg

@@ -3,7 +3,7 @@
 # Same setup as serve.sh (.venv, pinned requirements), plus the test tools. Needs Java 11+ for TorchServe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup_env.sh requirements-dev.txt
+source scripts/setup_env.sh requirements-dev.txt  # explicit: pytest arguments are not for it
 echo ">> ruff"
 ruff check handler scripts tests
 echo ">> pytest"
