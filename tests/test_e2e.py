@@ -3,7 +3,6 @@
 import base64
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 
@@ -14,6 +13,7 @@ import torch
 import yaml
 from conftest import REPO
 from reference import reference_tensor
+from traffic import Traffic
 from ts_server import TorchServe
 
 from handler.config import HandlerConfig
@@ -145,19 +145,11 @@ def test_model_api_is_off(server):
 def test_scale_to_two_workers_and_back_while_requests_flow(server, imagenet_photos):
     url = f"{server.inference_url}/predictions/{MODEL}"
     files = {f"image{i}": photo for i, photo in enumerate(imagenet_photos[:4])}
-    outcomes: list[int] = []
-    stop = threading.Event()
 
-    def client():
-        deadline = time.monotonic() + 240
-        while not stop.is_set() and time.monotonic() < deadline:
-            response = requests.post(url, files=files, headers=server.headers(), timeout=120)
-            outcomes.append(response.status_code)
+    def send():
+        return requests.post(url, files=files, headers=server.headers(), timeout=120).status_code
 
-    clients = [threading.Thread(target=client) for _ in range(2)]
-    for thread in clients:
-        thread.start()
-    try:
+    with Traffic(send, clients=2, max_seconds=240) as traffic:
         time.sleep(2)
         server.scale(MODEL, 2)
         assert server.ready_workers(MODEL) == 2
@@ -165,13 +157,9 @@ def test_scale_to_two_workers_and_back_while_requests_flow(server, imagenet_phot
         server.scale(MODEL, 1)
         assert server.ready_workers(MODEL) == 1
         time.sleep(2)
-    finally:
-        stop.set()
-        for thread in clients:
-            thread.join()
-    print(f"\nrequests during scaling: {len(outcomes)}, failed: {sum(code != 200 for code in outcomes)}")
-    assert len(outcomes) >= 4
-    assert all(code == 200 for code in outcomes), outcomes
+    print(f"\nrequests during scaling: {len(traffic.outcomes)}, failed: {len(traffic.failures)}")
+    assert len(traffic.outcomes) >= 4
+    assert traffic.failures == []
 
 
 def test_stopping_leaves_no_process_behind(model_store, imagenet_photos):

@@ -176,3 +176,43 @@ def test_device_decode_is_automatic_only_on_cuda():
     assert isinstance(device_decoder_for(make_config(), torch.device("cuda", 0)), DeviceJpegDecoder)
     with pytest.raises(ConfigError, match="needs the model on CUDA"):
         device_decoder_for(make_config(decode_device="cuda"), torch.device("cpu"))
+
+
+def recorded_input_shapes(model):
+    shapes = []
+    handle = model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    return shapes, handle
+
+
+def test_requests_only_reuse_shapes_seen_at_warm_up(small_model, imagenet_photos):
+    """With buckets, cudnn.benchmark never meets a new shape after start-up (so it never re-tunes)."""
+    engine = engine_for(small_model, max_batch=8, batch_buckets=(1, 4, 8))
+    shapes, handle = recorded_input_shapes(small_model)
+    engine.warm_up()
+    warmed = set(shapes)
+    shapes.clear()
+    for count in (1, 2, 3, 5, 8, 11, 19):
+        engine.predict(imagenet_photos[:count])
+    handle.remove()
+    assert warmed == {(1, 3, 224, 224), (4, 3, 224, 224), (8, 3, 224, 224)}
+    assert set(shapes) <= warmed
+    engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_no_new_shapes_and_cudnn_benchmark_on(imagenet_photos):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=1000).eval().cuda().to(memory_format=torch.channels_last)
+    engine = InferenceEngine(make_config(max_batch=32), model, torch.device("cuda", 0))
+    shapes, handle = recorded_input_shapes(model)
+    assert engine.warm_up() == [1, 8, 32]
+    warmed = set(shapes)
+    shapes.clear()
+    assert torch.backends.cudnn.benchmark
+    for count in (1, 5, 9, 31, 40):
+        engine.predict(imagenet_photos[:count])
+    handle.remove()
+    assert set(shapes) <= warmed
+    engine.close()

@@ -1,12 +1,11 @@
 """The per-image decode/transform against the full-decode reference, on real photos."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
+from hostile import jpeg_declaring, png_declaring
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 from reference import IMAGENET_MEAN, IMAGENET_STD, reference_tensor
@@ -119,28 +118,12 @@ def test_input_bytes_are_not_modified(imagenet_photos):
     assert payload == before
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares a huge size but carries almost no data: a decompression bomb's header."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + body
-
-
-def jpeg_with_declared_size(payload: bytes, width: int, height: int) -> bytes:
-    start = payload.index(b"\xff\xc0")
-    patched = bytearray(payload)
-    patched[start + 5: start + 9] = struct.pack(">HH", height, width)
-    return bytes(patched)
-
-
 @pytest.mark.parametrize(
     ("make", "status", "fragment"),
     [
-        (lambda photos: png_header_only(10_000, 6_000), 413, "the limit is 50000000"),
-        (lambda photos: png_header_only(60_000, 60_000), 413, "pixels"),
-        (lambda photos: jpeg_with_declared_size(photos[0], 9_000, 9_000), 413, "pixels"),
+        (lambda photos: png_declaring(10_000, 6_000), 413, "the limit is 50000000"),
+        (lambda photos: png_declaring(60_000, 60_000), 413, "pixels"),
+        (lambda photos: jpeg_declaring(photos[0], 9_000, 9_000), 413, "pixels"),
         (lambda photos: photos[0][: len(photos[0]) // 2], 400, "corrupt or truncated"),
         (lambda photos: b"hello, I am not an image", 415, "unsupported or unrecognised image format"),
         (lambda photos: b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'/>", 415, "unsupported"),

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +21,7 @@ import requests
 import yaml
 from conftest import REPO
 from hostile import awkward_but_valid, json_hostile, raw_hostile
+from traffic import Traffic
 from ts_server import TorchServe
 
 pytestmark = pytest.mark.e2e
@@ -158,23 +158,9 @@ def test_kserve_v1_and_v2_urls_keep_batching(server, imagenet_photos):
     assert max(batch_sizes) > 1  # TorchServe batched several KServe requests into one handler call
 
 
-def run_clients(server, photos, count, stop, outcomes, deadline_s=300):
+def multipart_traffic(server, photos, clients):
     files = {f"image{i}": photo for i, photo in enumerate(photos)}
-
-    def client():
-        deadline = time.monotonic() + deadline_s
-        while not stop.is_set() and time.monotonic() < deadline:
-            started = time.monotonic()
-            try:
-                code = predict(server, files=files).status_code
-            except requests.RequestException:
-                code = -1
-            outcomes.append((started, time.monotonic(), code))
-
-    threads = [threading.Thread(target=client) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    return threads
+    return Traffic(lambda: predict(server, files=files).status_code, clients)
 
 
 def rss(pids):
@@ -186,9 +172,7 @@ def test_load_while_scaling_1_to_3_to_1(server, imagenet_photos):
     for _ in range(6):  # steady state before measuring memory
         assert predict(server, files={f"i{n}": p for n, p in enumerate(photos)}).status_code == 200
     start_rss = rss(server.worker_pids(MODEL))
-    stop, outcomes = threading.Event(), []
-    threads = run_clients(server, photos, 3, stop, outcomes)
-    try:
+    with multipart_traffic(server, photos, clients=3) as traffic:
         time.sleep(3)
         server.scale(MODEL, 3)
         assert server.ready_workers(MODEL) == 3
@@ -196,12 +180,8 @@ def test_load_while_scaling_1_to_3_to_1(server, imagenet_photos):
         server.scale(MODEL, 1)
         assert server.ready_workers(MODEL) == 1
         time.sleep(5)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
     end_rss = rss(server.worker_pids(MODEL))
-    failures = [code for _, _, code in outcomes if code != 200]
+    outcomes, failures = traffic.outcomes, traffic.failures
     survivors = set(start_rss) & set(end_rss)
     growth = max((end_rss[p] / start_rss[p] - 1 for p in survivors), default=None)
     if growth is None:  # the original worker was the one stopped: compare the survivor with it
@@ -216,9 +196,7 @@ def test_load_while_scaling_1_to_3_to_1(server, imagenet_photos):
 def test_killed_worker_is_restarted_and_later_requests_succeed(server, imagenet_photos):
     photos = imagenet_photos[:2]
     victim = server.worker_pids(MODEL)[0]
-    stop, outcomes = threading.Event(), []
-    threads = run_clients(server, photos, 2, stop, outcomes)
-    try:
+    with multipart_traffic(server, photos, clients=2) as traffic:
         time.sleep(3)
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
@@ -232,10 +210,7 @@ def test_killed_worker_is_restarted_and_later_requests_succeed(server, imagenet_
             time.sleep(0.2)
         assert recovered_at is not None, "TorchServe did not restart the killed worker"
         time.sleep(5)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+    outcomes = traffic.outcomes
     in_flight_failures = [o for o in outcomes if o[2] != 200 and o[0] <= killed_at]
     later_failures = [o for o in outcomes if o[2] != 200 and o[0] > killed_at]
     after_recovery = [o for o in outcomes if o[0] > recovered_at]

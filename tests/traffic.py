@@ -1,0 +1,48 @@
+"""Background client traffic for the server tests: bounded in time, every outcome recorded."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import requests
+
+
+class Traffic:
+    """``with Traffic(send, clients=3) as traffic: ...`` runs ``send()`` in a loop on each client thread.
+
+    ``send`` returns an HTTP status; a connection error counts as -1. Outcomes are
+    (started, finished, status) in monotonic seconds.
+    """
+
+    def __init__(self, send: Callable[[], int], clients: int, max_seconds: float = 300) -> None:
+        self.send = send
+        self.max_seconds = max_seconds
+        self.outcomes: list[tuple[float, float, int]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
+
+    def _client(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                status = self.send()
+            except requests.RequestException:
+                status = -1
+            self.outcomes.append((started, time.monotonic(), status))
+
+    @property
+    def failures(self) -> list[tuple[float, float, int]]:
+        return [outcome for outcome in self.outcomes if outcome[2] != 200]
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
