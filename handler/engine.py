@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 TopK = list[tuple[int, float]]  # (class index, probability), best first
 DEFAULT_CUDA_BUCKETS = (1, 8, 32)
+# Without buckets (CPU), the first forward at each new batch size builds new oneDNN kernels (~1 s for
+# ResNet-50 here); warm the small sizes that TorchServe's request batching produces, and max_batch.
+CPU_WARMUP_SMALL_SIZES = 8
 
 
 def resolve_buckets(config: HandlerConfig, device: torch.device) -> tuple[int, ...]:
@@ -104,8 +107,9 @@ class InferenceEngine:
             torch.backends.cudnn.benchmark = True
 
     def warm_up(self) -> list[int]:
-        """Run the model once per bucket (or once with one image) so no tuning happens in a request."""
-        sizes = list(self.buckets) or [1]
+        """Run the model once per batch size it will see often, so no kernel set-up happens in a request."""
+        small = range(1, min(CPU_WARMUP_SMALL_SIZES, self.config.max_batch) + 1)
+        sizes = list(self.buckets) or sorted({*small, self.config.max_batch})
         for size in sizes:
             staging = torch.zeros((size, self.config.crop_size, self.config.crop_size, 3), dtype=torch.uint8)
             self._forward(staging.to(self.device), size, self.config.topk)

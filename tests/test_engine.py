@@ -216,3 +216,12 @@ def test_cuda_no_new_shapes_and_cudnn_benchmark_on(imagenet_photos):
     handle.remove()
     assert set(shapes) <= warmed
     engine.close()
+
+
+def test_cpu_warm_up_covers_small_batches_and_max_batch(small_model):
+    engine = engine_for(small_model, max_batch=16)
+    shapes, handle = recorded_input_shapes(small_model)
+    assert engine.warm_up() == [1, 2, 3, 4, 5, 6, 7, 8, 16]
+    handle.remove()
+    assert sorted({shape[0] for shape in shapes}) == [1, 2, 3, 4, 5, 6, 7, 8, 16]
+    engine.close()
