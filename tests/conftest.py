@@ -46,6 +46,14 @@ def small_model() -> torch.nn.Module:
     return torchvision.models.resnet18(weights=None, num_classes=1000).eval()
 
 
+def keep_logs_if_failed(server, request) -> None:
+    """Remove a test TorchServe's folder, unless a test failed: then keep its logs and say where."""
+    if request.session.testsfailed:
+        print(f"\nTorchServe logs kept in {server.workdir / 'logs'}")
+    else:
+        server.cleanup()
+
+
 def make_config(**overrides: object) -> HandlerConfig:
     values = {"decode_threads": 2, "max_batch": 8, "warmup": False, "cpu_count": 2}
     values.update(overrides)

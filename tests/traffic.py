@@ -37,6 +37,10 @@ class Traffic:
     def failures(self) -> list[tuple[float, float, int]]:
         return [outcome for outcome in self.outcomes if outcome[2] != 200]
 
+    def failures_in_flight_during(self, start: float, end: float) -> list[tuple[float, float, int]]:
+        """Failed requests that were already running at some moment between start and end."""
+        return [f for f in self.failures if f[0] <= end and f[1] >= start]
+
     def __enter__(self) -> Traffic:
         for thread in self._threads:
             thread.start()
