@@ -73,10 +73,10 @@ def parse_request(row: Mapping[str, Any], limits: Limits) -> ParsedRequest:
                                 "file fields, or as JSON {\"images\": [\"<base64>\", ...]}")
 
     if len(image_fields) == 1 and image_fields[0][0] in BODY_KEYS:
-        parsed = _parse_body(image_fields[0][1], limits)
+        parsed = _parse_body(image_fields[0][1], limits)  # JSON bodies are counted before decoding base64
     else:
+        _check_count(len(image_fields), limits)
         parsed = ParsedRequest([_field_payload(key, value, limits) for key, value in image_fields], "plain")
-    _check_count(len(parsed.payloads), limits)
     if topk is not None:
         parsed = ParsedRequest(parsed.payloads, parsed.envelope, topk, parsed.request_id)
     return parsed
