@@ -4,9 +4,11 @@
 One private TorchServe (own ports, token auth on) serves, built from the same ResNet-50 weights:
   resnet50_stock   TorchServe's stock image_classifier handler (one image per request)
   resnet50         ours: many images per multipart request (fields image0..imageN)
+  resnet50_fanout  the same archive sent N concurrent one-image requests, exactly like the stock one
   resnet50_recipe  ours with decode_strategy: dataloader (a DataLoader per request), unless --no-recipe
 A "request of N images" is one multipart request for ours, and N concurrent one-image requests for the
-stock handler (TorchServe batches them with the same batchSize). Several client concurrencies; per
+stock handler and resnet50_fanout (TorchServe batches them with the same batchSize); the summary takes
+ours at its faster transport and says which. Several client concurrencies; per
 request p50/p95/p99 latency and images/s. The model-alone throughput (the same forward on random
 tensors, same batch and threads, no server) is the ceiling. Top-1 agreement and the max top-5 score
 difference between our served answers and the full-decode reference pipeline check accuracy.
@@ -59,6 +61,9 @@ from handler.engine import InferenceEngine
 from handler.model import load_model
 
 OURS, STOCK, RECIPE = "resnet50", "resnet50_stock", "resnet50_recipe"
+# Our archive driven like the stock one: N concurrent one-image requests (TorchServe batches them). For big
+# photos this transport is faster than one multipart request, whose ~100 MB body the frontend parses slowly.
+OURS_FANOUT = "resnet50_fanout"
 TARGET_OVER_STOCK = {"imagenet": 1.4, "phone": 1.8}
 TARGET_OF_MODEL_ALONE = 0.90
 LOCAL = threading.local()
@@ -187,7 +192,9 @@ def senders(server: TorchServe, models: Sequence[str], pool: ThreadPoolExecutor)
     result: dict[str, Callable[[list[bytes]], bool]] = {}
     for model in models:
         url = f"{server.inference_url}/predictions/{model}"
-        if model == STOCK:
+        if model == OURS_FANOUT:
+            url = f"{server.inference_url}/predictions/{OURS}"
+        if model in (STOCK, OURS_FANOUT):
             result[model] = lambda batch, url=url: fan_out_request(url, headers, batch, pool)
         else:
             result[model] = lambda batch, url=url: multipart_request(url, headers, batch)[0]
@@ -252,8 +259,9 @@ def summarize_runs(rows: Sequence[dict[str, Any]], alone: Sequence[dict[str, Any
     for set_name, size in sorted({(r["set"], r["images_per_request"]) for r in rows}):
         best = {}
         for model in (OURS, STOCK, RECIPE):
+            variants = (OURS, OURS_FANOUT) if model == OURS else (model,)  # ours: its faster transport
             candidates = [r for r in rows if r["set"] == set_name and r["images_per_request"] == size
-                          and r["model"] == model and r["images_per_s"] > 0]
+                          and r["model"] in variants and r["images_per_s"] > 0]
             if candidates:
                 best[model] = max(candidates, key=lambda r: r["images_per_s"])
         if OURS not in best:
@@ -261,7 +269,9 @@ def summarize_runs(rows: Sequence[dict[str, Any]], alone: Sequence[dict[str, Any
         ours = best[OURS]["images_per_s"]
         alone_ips = ceiling.get(min(size, max_batch))
         entry: dict[str, Any] = {"set": set_name, "images_per_request": size, "ours_images_per_s": ours,
-                                 "ours_concurrency": best[OURS]["concurrency"], "model_alone_images_per_s": alone_ips}
+                                 "ours_concurrency": best[OURS]["concurrency"], "model_alone_images_per_s": alone_ips,
+                                 "ours_transport": "one image per request" if best[OURS]["model"] == OURS_FANOUT
+                                 else "multipart"}
         if alone_ips:
             entry["ours_of_model_alone"] = ours / alone_ips
             entry["meets_model_alone_target"] = entry["ours_of_model_alone"] >= TARGET_OF_MODEL_ALONE
@@ -318,7 +328,8 @@ def plot(rows: Sequence[dict[str, Any]], alone: Sequence[dict[str, Any]], max_ba
     set_names = list(dict.fromkeys(r["set"] for r in rows))
     figure, axes = new_figure(2, len(set_names), height=6.0)
     ceiling = {entry["batch"]: entry["images_per_s"] for entry in alone}
-    styles = {OURS: ("tab:green", "ours"), STOCK: ("tab:red", "stock image_classifier"),
+    styles = {OURS: ("tab:green", "ours (multipart)"), OURS_FANOUT: ("tab:olive", "ours (one image per request)"),
+              STOCK: ("tab:red", "stock image_classifier"),
               RECIPE: ("tab:blue", "recipe (DataLoader per request)")}
     for (throughput_axis, latency_axis), set_name in zip(axes, set_names, strict=True):
         for model, (color, name) in styles.items():
@@ -356,8 +367,8 @@ def report(rows, alone, summary, agreement) -> str:
     if summary:
         parts.append(format_table(summary, [
             ("set", "set"), ("images_per_request", "img/req"), ("ours_images_per_s", "ours img/s"),
-            ("stock_images_per_s", "stock img/s"), ("ours_over_stock", "ours/stock"),
-            ("target_over_stock", "target"), ("recipe_images_per_s", "recipe img/s"),
+            ("ours_transport", "ours sent as"), ("stock_images_per_s", "stock img/s"),
+            ("ours_over_stock", "ours/stock"), ("target_over_stock", "target"), ("recipe_images_per_s", "recipe img/s"),
             ("model_alone_images_per_s", "model alone"), ("ours_of_model_alone", "ours/alone")]))
     if agreement:
         parts.append(format_table(agreement, [("set", "set"), ("images", "images"), ("top1_agreement", "top-1 agree"),
@@ -402,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     alone = model_alone(model, config, args.sizes, args.quick)
     breakdown = engine_breakdown(model, config, args.sets, [max(args.sizes)], 1 if args.quick else 3)
     models = [name.removesuffix(".mar") for name in archives]
+    models.insert(models.index(OURS) + 1, OURS_FANOUT)
     # A private server (own ports, TMPDIR and worker sockets); its logs are kept only if something fails.
     with TorchServe(args.model_store, archives, extra_config={"job_queue_size": "1000"}) as server:
         rows = benchmark(server, models, args)

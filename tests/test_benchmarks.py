@@ -66,7 +66,8 @@ def test_bench_serve_quick(tmp_path, archives):
     assert {"machine", "model_alone", "results", "summary", "accuracy"} <= set(result)
     assert_rows(result["results"], {"set", "model", "images_per_request", "concurrency", "p50_ms", "p95_ms",
                                     "p99_ms", "errors"})
-    assert {row["model"] for row in result["results"]} == {"resnet50", "resnet50_stock"}
+    assert {row["model"] for row in result["results"]} == {"resnet50", "resnet50_fanout", "resnet50_stock"}
+    assert {entry["ours_transport"] for entry in result["summary"]} <= {"multipart", "one image per request"}
     assert all(row["errors"] == 0 for row in result["results"])
     assert result["model_alone"][0]["images_per_s"] > 0
     assert all(0 <= entry["top1_agreement"] <= 1 for entry in result["accuracy"])
