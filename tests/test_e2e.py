@@ -11,6 +11,7 @@ import pytest
 import requests
 import torch
 import yaml
+from client import classify, classify_one_per_request
 from conftest import REPO, keep_logs_if_failed
 from reference import reference_tensor
 from traffic import Traffic
@@ -178,3 +179,16 @@ def test_stopping_leaves_no_process_behind(model_store, imagenet_photos):
     server.stop()
     server.cleanup()
     assert not any(process.is_running() and process.status() != psutil.STATUS_ZOMBIE for process in processes)
+
+
+def test_python_client_multipart_and_one_per_request_agree(server, corpus, tmp_path):
+    paths = [*sorted((corpus / "imagenet").glob("*.jpg"))[:3], corpus / "mixed" / "rgba.png"]
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_bytes(b"definitely not a JPEG")
+    paths.append(bad)
+    token = server.keys["inference"]
+    together = classify(paths, server.inference_url, MODEL, token)
+    separately = classify_one_per_request(paths, server.inference_url, MODEL, token)
+    assert len(together) == len(separately) == 5
+    assert [indices(e) for e in together[:4]] == [indices(e) for e in separately[:4]]
+    assert together[4]["error"]["status"] == separately[4]["error"]["status"] == 415
