@@ -14,7 +14,7 @@ import yaml
 from client import classify, classify_one_per_request
 from conftest import REPO, keep_logs_if_failed
 from reference import reference_tensor
-from traffic import Traffic
+from traffic import Traffic, scale_out_and_back
 from ts_server import TorchServe
 
 from handler.config import HandlerConfig
@@ -151,17 +151,8 @@ def test_scale_to_two_workers_and_back_while_requests_flow(server, imagenet_phot
         return requests.post(url, files=files, headers=server.headers(), timeout=60).status_code
 
     with Traffic(send, clients=2, max_seconds=240) as traffic:
-        time.sleep(2)
-        server.scale(MODEL, 2)
-        assert server.ready_workers(MODEL) == 2
-        time.sleep(3)
-        scale_down_started = time.monotonic()
-        server.scale(MODEL, 1)
-        scale_down_done = time.monotonic()
-        assert server.ready_workers(MODEL) == 1
-        time.sleep(2)
-    # TorchServe 0.12 drops the batch of a worker it stops on scale-down (pytorch/serve issue #1101)
-    lost = traffic.failures_in_flight_during(scale_down_started, scale_down_done)
+        scale_down_window = scale_out_and_back(server, MODEL, workers=2, hold_s=3)
+    lost = traffic.failures_in_flight_during(*scale_down_window)
     print(f"\nrequests during scaling: {len(traffic.outcomes)}, failed: {len(traffic.failures)} "
           f"(in flight on the worker TorchServe stopped: {len(lost)})")
     assert len(traffic.outcomes) >= 4

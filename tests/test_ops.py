@@ -21,7 +21,7 @@ import requests
 import yaml
 from conftest import REPO, keep_logs_if_failed
 from hostile import awkward_but_valid, json_hostile, raw_hostile
-from traffic import Traffic
+from traffic import Traffic, scale_out_and_back
 from ts_server import TorchServe
 
 pytestmark = pytest.mark.e2e
@@ -174,20 +174,11 @@ def test_load_while_scaling_1_to_3_to_1(server, imagenet_photos):
         assert predict(server, files={f"i{n}": p for n, p in enumerate(photos)}).status_code == 200
     start_rss = rss(server.worker_pids(MODEL))
     with multipart_traffic(server, photos, clients=3) as traffic:
+        scale_down_window = scale_out_and_back(server, MODEL, workers=3, hold_s=8)
         time.sleep(3)
-        server.scale(MODEL, 3)
-        assert server.ready_workers(MODEL) == 3
-        time.sleep(8)
-        scale_down_started = time.monotonic()
-        server.scale(MODEL, 1)
-        scale_down_done = time.monotonic()
-        assert server.ready_workers(MODEL) == 1
-        time.sleep(5)
     end_rss = rss(server.worker_pids(MODEL))
     outcomes, failures = traffic.outcomes, traffic.failures
-    # TorchServe 0.12 stops a busy worker at once on scale-down and drops the batch it is running
-    # (pytorch/serve issue #1101, open): only requests in flight at that moment may be lost.
-    lost_at_scale_down = traffic.failures_in_flight_during(scale_down_started, scale_down_done)
+    lost_at_scale_down = traffic.failures_in_flight_during(*scale_down_window)
     survivors = set(start_rss) & set(end_rss)
     growth = max((end_rss[p] / start_rss[p] - 1 for p in survivors), default=None)
     if growth is None:  # the original worker was the one stopped: compare the survivor with it

@@ -9,6 +9,24 @@ from collections.abc import Callable
 import requests
 
 
+def scale_out_and_back(server, model: str, workers: int, hold_s: float) -> tuple[float, float]:
+    """Scale ``model`` to ``workers``, hold, scale back to 1 (each step checked); the scale-down window.
+
+    TorchServe 0.12 stops a busy worker at once on scale-down and drops the batch it is running
+    (pytorch/serve issue #1101, open): requests in flight in that window may be lost, no others.
+    """
+    time.sleep(2)
+    server.scale(model, workers)
+    assert server.ready_workers(model) == workers
+    time.sleep(hold_s)
+    scale_down_started = time.monotonic()
+    server.scale(model, 1)
+    scale_down_done = time.monotonic()
+    assert server.ready_workers(model) == 1
+    time.sleep(2)
+    return scale_down_started, scale_down_done
+
+
 class Traffic:
     """``with Traffic(send, clients=3) as traffic: ...`` runs ``send()`` in a loop on each client thread.
 
