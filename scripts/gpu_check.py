@@ -6,9 +6,10 @@
 3. Runs the GPU tests (``pytest -m gpu``) of every test file that does not need TorchServe.
 4. Parity of the device decoder against the CPU reference: normalized tensors and top-1 agreement.
 5. Times 32-image requests (ImageNet-size and 12 MP JPEGs), ResNet-50 fp16 channels_last (random
-   weights), four ways: (a) stock: PIL + float transforms one by one, then .cuda(); (b) the engine with
-   a DataLoader per request; (c) the engine with its thread pool (CPU decode); (d) DeviceJpegDecoder +
-   normalize + model (the engine does not call the decoder yet).
+   weights): (a) stock: PIL + float transforms one by one, then .cuda(); (b) the DataLoader recipe,
+   built per request; (a) and (b) are the very functions scripts/bench_preprocess.py times; (c) the
+   engine with CPU decode (thread pool); (d) DeviceJpegDecoder + normalize + model, with CUDA-event
+   stage times; (e) on CUDA, the engine with decode_device: cuda (what the handler does by default).
 
 Prints a table and writes JSON to $OUT (or bench_results/). Without CUDA it still runs everything on the
 CPU (fp32, no GPU tests) so the script itself can be checked:
@@ -47,6 +48,9 @@ TS_IMPORT = re.compile(r"^\s*(from|import)\s+ts(\.|\s|$)", re.MULTILINE)
 Method = Callable[[Sequence[bytes]], list[int]]  # payloads -> top-1 class per image
 
 warnings.filterwarnings("ignore", message=".*TorchCodec.*", category=DeprecationWarning)
+
+from bench_common import time_call  # noqa: E402  (the same clock as the benchmarks: synchronized on CUDA)
+from bench_preprocess import recipe_batch, stock_batch  # noqa: E402  (one definition of stock and recipe)
 
 
 def check_no_torchserve() -> dict[str, object]:
@@ -104,11 +108,6 @@ def build_model(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def top1(model: torch.nn.Module, batch: torch.Tensor) -> list[int]:
     with torch.inference_mode():
         return model(batch).argmax(dim=1).tolist()
@@ -126,26 +125,32 @@ class Methods:
         precision = "fp16" if dtype == torch.float16 else "fp32"
         common = {"device": device.type, "precision": precision, "max_batch": batch, "warmup": False}
         self.model, self.device, self.dtype = model, device, dtype
-        self.threads = InferenceEngine(HandlerConfig(decode_strategy="threads", **common), model, device)
-        self.loader = InferenceEngine(
-            HandlerConfig(decode_strategy="dataloader", dataloader_workers=min(4, os.cpu_count() or 1),
-                          dataloader_batch_size=batch, **common), model, device)
+        self.recipe_workers = min(4, os.cpu_count() or 1)
+        self.threads = InferenceEngine(HandlerConfig(decode_device="cpu", **common), model, device)
+        self.on_device = (InferenceEngine(HandlerConfig(decode_device="cuda", **common), model, device)
+                          if device.type == "cuda" else None)
         self.spec = transform_spec(self.threads.config)
         self.decoder = DeviceJpegDecoder(self.spec, device)
         self.routed = 0
         self.stage_ms: dict[str, list[float]] = {"decode+resize": [], "normalize+model": []}
 
     def all(self) -> dict[str, Method]:
-        return {"(a) stock PIL+float, sequential": self.stock,
-                "(b) engine, DataLoader/request": lambda p: self._engine(self.loader, p),
-                "(c) engine, thread pool (CPU decode)": lambda p: self._engine(self.threads, p),
-                "(d) device decoder + normalize + model": self.device_decode}
+        methods = {"(a) stock PIL+float, sequential": self.stock,
+                   "(b) DataLoader recipe, per request": self.recipe,
+                   "(c) engine, thread pool (CPU decode)": lambda p: self._engine(self.threads, p),
+                   "(d) device decoder + normalize + model": self.device_decode}
+        if self.on_device is not None:
+            methods["(e) engine, decode_device: cuda"] = lambda p: self._engine(self.on_device, p)
+        return methods
+
+    def _classify(self, batch: torch.Tensor) -> list[int]:
+        return top1(self.model, batch.to(self.dtype).contiguous(memory_format=torch.channels_last))
 
     def stock(self, payloads: Sequence[bytes]) -> list[int]:
-        from reference import reference_tensor
+        return self._classify(stock_batch(payloads, self.device))
 
-        batch = torch.stack([reference_tensor(p) for p in payloads]).to(self.device)
-        return top1(self.model, batch.to(self.dtype).contiguous(memory_format=torch.channels_last))
+    def recipe(self, payloads: Sequence[bytes]) -> list[int]:
+        return self._classify(recipe_batch(payloads, self.device, self.recipe_workers))
 
     @staticmethod
     def _engine(engine, payloads: Sequence[bytes]) -> list[int]:
@@ -180,20 +185,15 @@ class Methods:
 
     def close(self) -> None:
         self.threads.close()
-        self.loader.close()
+        if self.on_device is not None:
+            self.on_device.close()
 
 
 def time_method(method: Method, payloads: Sequence[bytes], device: torch.device, warmup: int,
                 repeats: int) -> dict[str, float]:
     for _ in range(warmup):
         method(payloads)
-    synchronize(device)
-    latencies = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        method(payloads)
-        synchronize(device)
-        latencies.append(time.perf_counter() - started)
+    latencies = [time_call(lambda: method(payloads), device) for _ in range(repeats)]
     p50 = statistics.median(latencies)
     return {"p50_ms": 1000 * p50, "min_ms": 1000 * min(latencies), "images_per_s": len(payloads) / p50,
             "repeats": repeats}
