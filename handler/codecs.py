@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,13 @@ from typing import Any
 BODY_KEYS = ("body", "data")
 OPTION_KEYS = frozenset({"topk"})  # multipart fields that are options, never images
 DATA_URI_MARKER = ";base64,"
+# Every body this handler understands is at most 5 levels deep; a deeper one is refused before parsing,
+# because json.loads recurses once per level (100,000 levels raise RecursionError, not a clean error).
+MAX_JSON_DEPTH = 32
+# Up to the next bracket outside strings (or the end): JSON strings are skipped whole (possessively, so an
+# unterminated one ends the scan instead of backtracking), in C; Python then does one step per bracket.
+_NEXT_BRACKET = re.compile(rb'(?:"[^"\\]*+(?:\\.[^"\\]*+)*+\\?+(?:"|\Z)|[^"\[\]{}])*+([\[\]{}]|\Z)',
+                           re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -82,20 +90,41 @@ def parse_request(row: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     return parsed
 
 
+def json_nested_deeper_than(text: bytes, limit: int) -> bool:
+    """Whether the arrays and objects of a JSON text nest more than ``limit`` levels (brackets inside
+    strings do not count). Stops at the first bracket past the limit, so a hostile body costs microseconds."""
+    if text.count(b"[") + text.count(b"{") <= limit:
+        return False  # every body we accept: a handful of brackets around long base64 strings
+    depth = 0
+    for match in _NEXT_BRACKET.finditer(text):
+        bracket = match.group(1)
+        if not bracket:
+            return False
+        depth += 1 if bracket in (b"[", b"{") else -1
+        if depth > limit:
+            return True
+    return False
+
+
+def _load_json(text: bytes) -> Any:
+    if json_nested_deeper_than(text, MAX_JSON_DEPTH):
+        raise RequestError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels; "
+                                f"a request body needs at most 5")
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(400, f"the body is not valid JSON: {error}") from None
+    except RecursionError:  # unreachable after the depth check; kept so no body can escape as an exception
+        raise RequestError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+
+
 def _parse_body(body: Any, limits: Limits) -> ParsedRequest:
     if isinstance(body, (bytes, bytearray)) and _looks_like_json(body):
-        try:
-            body = json.loads(bytes(body))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RequestError(400, f"the body is not valid JSON: {error}") from None
+        body = _load_json(bytes(body))
     elif isinstance(body, str):
-        if _looks_like_json(body.encode()):
-            try:
-                body = json.loads(body)
-            except json.JSONDecodeError as error:
-                raise RequestError(400, f"the body is not valid JSON: {error}") from None
-        else:
+        if not _looks_like_json(body.encode("utf-8", "surrogatepass")):
             return ParsedRequest([_base64_payload(body, 0, limits)], "plain")
+        body = _load_json(body.encode("utf-8", "surrogatepass"))
 
     if isinstance(body, (bytes, bytearray)):
         if len(body) == 0:
@@ -208,13 +237,22 @@ def _parse_topk(value: Any, limits: Limits) -> int | None:
         return None
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("utf-8", "replace")
-    try:
-        topk = int(value)
-    except (TypeError, ValueError):
-        raise RequestError(400, f"topk must be a whole number; got {value!r}") from None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(400, f"topk must be a whole number; got {_preview(value)}")
+    topk = value
     if not 1 <= topk <= limits.max_topk:
         raise RequestError(400, f"topk must be between 1 and {limits.max_topk}; got {topk}")
     return topk
+
+
+def _preview(value: Any, length: int = 40) -> str:
+    """A short, printable rendering of a client's value for an error message."""
+    text = ascii(value)
+    return text if len(text) <= length else text[:length] + "..."
 
 
 def _check_count(count: int, limits: Limits) -> None:

@@ -7,6 +7,7 @@ request gets exactly one answer with its own HTTP status.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -15,7 +16,15 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.codecs import ImageError, Limits, ParsedRequest, RequestError, encode_response, parse_request
+from handler.codecs import (
+    ImageError,
+    Limits,
+    ParsedRequest,
+    Payload,
+    RequestError,
+    encode_response,
+    parse_request,
+)
 from handler.config import HandlerConfig
 from handler.engine import InferenceEngine, Timings, TopK
 from handler.model import (
@@ -30,6 +39,7 @@ from handler.model import (
 from handler.server_metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
+JSON_CONTENT_TYPE = "application/json"
 
 
 class ImageBatchHandler(BaseHandler):
@@ -72,44 +82,73 @@ class ImageBatchHandler(BaseHandler):
         logger.info("warmed up batch sizes %s on %s", sizes, self.device)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
-        started = time.perf_counter()
-        parsed: list[ParsedRequest | RequestError] = []
-        for row in data:
-            try:
-                parsed.append(parse_request(row, self.limits))
-            except RequestError as error:
-                parsed.append(error)
+        """One answer per request, always: whatever one request holds, the others are answered normally.
 
-        payloads = [p for request in parsed if isinstance(request, ParsedRequest) for p in request.payloads]
-        topk = max((r.topk or self.config.topk for r in parsed if isinstance(r, ParsedRequest)), default=1)
-        results = self.engine.predict(payloads, topk) if payloads else []
+        Parsing and encoding run per request under a guard; only a failure of the model itself may cost
+        images, and then only those of its chunk (the engine's guard).
+        """
+        started = time.perf_counter()
+        requests = [self._parse(row, index) for index, row in enumerate(data)]
+        accepted = [request for request in requests if isinstance(request, ParsedRequest)]
+        payloads = [payload for request in accepted for payload in request.payloads]
+        topk = max((request.topk or self.config.topk for request in accepted), default=1)
+        results = self._predict(payloads, topk)
 
         responses = []
         offset = 0
-        for index, request in enumerate(parsed):
+        for index, request in enumerate(requests):
             if isinstance(request, RequestError):
-                context.set_response_status(request.status, request.message, index)
-                responses.append(request.to_json())
+                responses.append(self._error_response(request, index, context))
                 continue
             own = results[offset: offset + len(request.payloads)]
             offset += len(request.payloads)
-            responses.append(self._respond(request, own, index, context))
+            responses.append(self._encode(request, own, index, context))
 
         timings = self.engine.last_timings if payloads else Timings()
         ServerMetrics(getattr(context, "metrics", None)).record(len(data), timings, time.perf_counter() - started)
         return responses
 
-    def _respond(self, request: ParsedRequest, results: list[TopK | ImageError], index: int, context: Any) -> Any:
-        if len(results) == 1 and isinstance(results[0], ImageError):
-            error = results[0]
-            context.set_response_status(error.status, error.message, index)
-            return error.to_json()
-        topk = request.topk or self.config.topk
-        entries = [
-            result.to_json() if isinstance(result, ImageError) else {"topk": self._labelled(result[:topk])}
-            for result in results
-        ]
-        return encode_response(request, entries, self.model_name)
+    def _parse(self, row: Any, index: int) -> ParsedRequest | RequestError:
+        try:
+            return parse_request(row, self.limits)
+        except RequestError as error:
+            return error
+        except Exception:  # a bug of ours, met by this request only: it alone gets a 500
+            logger.exception("could not parse request %d of the batch", index)
+            return RequestError(500, "the server failed to read this request; see the server log")
+
+    def _predict(self, payloads: list[Payload], topk: int) -> list[TopK | ImageError]:
+        if not payloads:
+            return []
+        try:
+            return self.engine.predict(payloads, topk)
+        except Exception:  # the engine contains model failures per chunk; anything else is a bug of ours
+            logger.exception("the engine failed on a batch of %d images", len(payloads))
+            return [ImageError(500, "inference failed for this image; see the server log")] * len(payloads)
+
+    def _encode(self, request: ParsedRequest, results: list[TopK | ImageError], index: int, context: Any) -> str:
+        """The response body of one request, serialized here so that no value can fail the batch later."""
+        try:
+            if len(results) == 1 and isinstance(results[0], ImageError):
+                return self._error_response(results[0], index, context)
+            topk = request.topk or self.config.topk
+            entries = [
+                result.to_json() if isinstance(result, ImageError) else {"topk": self._labelled(result[:topk])}
+                for result in results
+            ]
+            body = json.dumps(encode_response(request, entries, self.model_name))
+        except Exception:
+            logger.exception("could not encode the response of request %d", index)
+            return self._error_response(RequestError(500, "the server failed to encode this response; see the "
+                                                          "server log"), index, context)
+        context.set_response_content_type(index, JSON_CONTENT_TYPE)
+        return body
+
+    @staticmethod
+    def _error_response(error: ImageError | RequestError, index: int, context: Any) -> str:
+        context.set_response_status(error.status, error.message, index)
+        context.set_response_content_type(index, JSON_CONTENT_TYPE)
+        return json.dumps(error.to_json())
 
     def _labelled(self, topk: TopK) -> list[dict[str, Any]]:
         return [{"label": self.labels[i], "index": i, "score": round(score, 6)} for i, score in topk]

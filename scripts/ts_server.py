@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -166,6 +167,30 @@ class TorchServe:
                     return
                 time.sleep(0.5)
         response.raise_for_status()
+
+    @property
+    def frontend_log(self) -> Path:
+        """ts_log.log: in Prometheus mode the handler's [METRICS] lines land here too."""
+        return self.workdir / "logs" / "ts_log.log"
+
+    def log_position(self) -> int:
+        return self.frontend_log.stat().st_size if self.frontend_log.exists() else 0
+
+    def handler_calls(self, since: int) -> list[tuple[str, ...]]:
+        """The request ids of every handler call logged after byte offset ``since`` (ids TorchServe also
+        returns as the x-request-id header), read from the RequestsPerBatch metric line each call logs.
+
+        TorchServe writes each backend metric line twice; the pair has the same timestamp and ids.
+        """
+        with self.frontend_log.open("rb") as log:
+            log.seek(since)
+            text = log.read().decode("utf-8", "replace")
+        lines = re.findall(r"result=\[METRICS\]RequestsPerBatch\.\w+:[0-9.]+\|\S*?#hostname:[^,]*,(\d+,[0-9a-f,-]+)",
+                           text)
+        return [tuple(line.strip(",").split(",")[1:]) for line in dict.fromkeys(lines)]
+
+    def requests_per_batch(self, since: int) -> list[int]:
+        return [len(ids) for ids in self.handler_calls(since)]
 
     def processes(self) -> list[psutil.Process]:
         """The frontend and every process it started (the Python backend workers)."""

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from handler import codecs
 from handler.codecs import ImageError, Limits, ParsedRequest, RequestError, encode_response, parse_request
 
 LIMITS = Limits(max_images=4, max_image_bytes=1000, max_topk=1000)
@@ -102,3 +103,57 @@ def test_encode_response_matches_the_request_envelope():
     assert v2["id"] == "r1" and v2["model_name"] == "m"
     assert [json.loads(item) for item in v2["outputs"][0]["data"]] == entries
     assert v2["outputs"][0]["shape"] == [2]
+
+
+DEEP_BODIES = {
+    "array_100k": b"[" * 100_000 + b"]" * 100_000,
+    "images_holding_deep_array": b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "object_chain_100k": b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+    "unclosed_33": b"[" * 33,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEEP_BODIES))
+@pytest.mark.parametrize("as_text", [False, True])
+def test_json_nested_deeper_than_the_limit_is_refused_before_parsing(name, as_text, monkeypatch):
+    def must_not_parse(*args, **kwargs):
+        raise AssertionError("json.loads ran on a body deeper than the limit")
+
+    monkeypatch.setattr(codecs.json, "loads", must_not_parse)
+    body = DEEP_BODIES[name].decode() if as_text else bytearray(DEEP_BODIES[name])
+    with pytest.raises(RequestError) as error:
+        parse_request({"body": body}, LIMITS)
+    assert error.value.status == 400
+    assert f"nested deeper than {codecs.MAX_JSON_DEPTH} levels" in error.value.message
+
+
+def test_json_at_the_depth_limit_is_parsed_and_brackets_inside_strings_do_not_count():
+    at_limit = "[" * (codecs.MAX_JSON_DEPTH - 2)  # inside {"images": [ ... ]}: exactly the limit
+    body = '{"images": [' + at_limit + "]" * len(at_limit) + "]}"
+    parsed = parse_request({"body": bytearray(body.encode())}, LIMITS)  # parsed: its one item is a list
+    assert isinstance(parsed.payloads[0], ImageError) and "got a JSON list" in parsed.payloads[0].message
+    in_strings = json.dumps({"images": ["[" * 1000, b64(JPEG)], "note": "{" * 1000})
+    parsed = parse_request({"body": bytearray(in_strings.encode())}, LIMITS)
+    assert parsed.payloads[1] == JPEG and isinstance(parsed.payloads[0], ImageError)
+
+
+@pytest.mark.parametrize(
+    ("text", "deeper_than_2"),
+    [('[[1]]', False), ('[[[1]]]', True), ('["[[[[", {"a": "]]]"}]', False), ('["\\"[[[", [[1]]]', True),
+     ('"[[[[', False), ('[[] , [], [[]]]', True), ('{"a": {"b": {}}}', True), ('["\\\\", [[]]]', True)],
+)
+def test_json_depth_scan_skips_strings_and_escapes(text, deeper_than_2):
+    assert codecs.json_nested_deeper_than(text.encode(), 2) is deeper_than_2
+
+
+@pytest.mark.parametrize(
+    ("topk", "fragment"),
+    [(float("nan"), "whole number"), (1e400, "whole number"), (2.5, "whole number"), (True, "whole number"),
+     (10**30, "between 1 and 1000"), ("3.0", "whole number"), ([3], "whole number")],
+)
+def test_topk_must_be_a_whole_number_in_range(topk, fragment):
+    with pytest.raises(RequestError) as error:
+        parse_request({"body": {"images": [b64(JPEG)], "topk": topk}}, LIMITS)
+    assert error.value.status == 400 and fragment in error.value.message
+    assert parse_request({"body": {"images": [b64(JPEG)], "topk": 3.0}}, LIMITS).topk == 3
+    assert parse_request({"topk": bytearray(b"4"), "a": bytearray(JPEG)}, LIMITS).topk == 4

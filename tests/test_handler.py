@@ -51,9 +51,11 @@ def run_batch(handler, model_dir, rows):
     context = make_context(model_dir, len(rows))
     context.request_processor = [RequestProcessor({}) for _ in rows]
     context.metrics.set_request_ids({i: f"req-{i}" for i in range(len(rows))})
-    responses = handler.handle(rows, context)
+    bodies = handler.handle(rows, context)
+    assert len(bodies) == len(rows)
+    assert all(context.get_response_content_type(i) == "application/json" for i in range(len(rows)))
     statuses = [context.get_response_status(i)[0] for i in range(len(rows))]
-    return responses, statuses, context
+    return [json.loads(body) for body in bodies], statuses, context
 
 
 def b64(data):
@@ -148,3 +150,54 @@ def test_a_model_that_fails_to_compile_falls_back_to_eager(model_dir, imagenet_p
     responses, statuses, _ = run_batch(handler, model_dir, [{"body": bytearray(imagenet_photos[0])}])
     assert statuses == [200] and "topk" in responses[0][0]
     handler.engine.close()
+
+
+def test_a_request_that_breaks_the_parser_fails_alone(handler, model_dir, imagenet_photos, monkeypatch, caplog):
+    from handler import torchserve_handler
+
+    real_parse = torchserve_handler.parse_request
+
+    def parse_or_explode(row, limits):
+        if "explode" in row:
+            raise KeyError("a bug met by this request only")
+        return real_parse(row, limits)
+
+    monkeypatch.setattr(torchserve_handler, "parse_request", parse_or_explode)
+    deep = bytearray(b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    rows = [{"body": bytearray(imagenet_photos[0])}, {"explode": bytearray(b"x")}, {"body": deep},
+            {"a": bytearray(imagenet_photos[1])}]
+    responses, statuses, _ = run_batch(handler, model_dir, rows)
+    assert statuses == [200, 500, 400, 200]
+    assert "topk" in responses[0][0] and "topk" in responses[3][0]
+    assert "see the server log" in responses[1]["error"]["message"]
+    assert "nested deeper than 32 levels" in responses[2]["error"]["message"]
+    assert "could not parse request 1" in caplog.text
+
+
+def test_a_response_that_cannot_be_encoded_fails_alone(handler, model_dir, imagenet_photos, monkeypatch):
+    from handler import torchserve_handler
+
+    real_encode = torchserve_handler.encode_response
+
+    def encode_or_explode(request, entries, model_name):
+        if request.envelope == "kserve_v1":
+            return {"predictions": entries, "unserializable": object()}
+        return real_encode(request, entries, model_name)
+
+    monkeypatch.setattr(torchserve_handler, "encode_response", encode_or_explode)
+    rows = [{"body": {"instances": [{"data": b64(imagenet_photos[0])}]}}, {"body": bytearray(imagenet_photos[1])}]
+    responses, statuses, _ = run_batch(handler, model_dir, rows)
+    assert statuses == [500, 200]
+    assert responses[0]["error"]["status"] == 500 and "topk" in responses[1][0]
+
+
+def test_an_engine_bug_answers_every_image_with_500_instead_of_failing_the_batch(handler, model_dir,
+                                                                               imagenet_photos, monkeypatch):
+    def broken_predict(*args, **kwargs):
+        raise IndexError("a bug outside the model (simulated)")
+
+    monkeypatch.setattr(handler.engine, "predict", broken_predict)
+    rows = [{"body": bytearray(b"")}, {"a": bytearray(imagenet_photos[0]), "b": bytearray(imagenet_photos[1])}]
+    responses, statuses, _ = run_batch(handler, model_dir, rows)
+    assert statuses == [400, 200]
+    assert [entry["error"]["status"] for entry in responses[1]] == [500, 500]

@@ -129,8 +129,7 @@ def test_kserve_v1_and_v2_urls_keep_batching(server, imagenet_photos):
     top1 = [entry["topk"][0]["index"] for entry in plain]
     v1_url = f"{server.inference_url}/v1/models/{MODEL}:predict"
     v2_url = f"{server.inference_url}/v2/models/{MODEL}/infer"
-    frontend_log = server.workdir / "logs" / "ts_log.log"  # backend [METRICS] lines land here in Prometheus mode
-    already_logged = len(frontend_log.read_bytes())
+    already_logged = server.log_position()
 
     def call(index):
         if index % 2:
@@ -152,10 +151,74 @@ def test_kserve_v1_and_v2_urls_keep_batching(server, imagenet_photos):
             entries = [json.loads(item) for item in body["outputs"][0]["data"]]
         assert [e["topk"][0]["index"] for e in entries] == [top1[index % 4], top1[(index + 1) % 4]]
 
-    new_lines = frontend_log.read_bytes()[already_logged:].decode("utf-8", "replace")
-    batch_sizes = [float(v) for v in re.findall(r"\[METRICS\]RequestsPerBatch\.[A-Za-z]+:([0-9.]+)", new_lines)]
+    batch_sizes = server.requests_per_batch(already_logged)
     print(f"\nrequests per handler call for 16 concurrent KServe requests: {batch_sizes}")
     assert max(batch_sizes) > 1  # TorchServe batched several KServe requests into one handler call
+
+
+def hostile_bodies(photo: bytes) -> dict[str, tuple[bytes, str]]:
+    """Whole request bodies that must cost only their own request: name -> (body, Content-Type)."""
+    good = base64.b64encode(photo).decode()
+    as_json = lambda value: json.dumps(value).encode()  # noqa: E731
+    deep = b"[" * 100_000 + b"]" * 100_000
+    return {
+        "array_nested_100k_deep": (deep, "application/json"),
+        "images_holding_a_deep_array": (b'{"images": ' + deep + b"}", "application/json"),
+        "object_chain_100k_deep": (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "application/json"),
+        "deep_array_as_text": (deep, "text/plain"),
+        "topk_nan": (b'{"images": ["' + good.encode() + b'"], "topk": NaN}', "application/json"),
+        "topk_huge": (as_json({"images": [good], "topk": 10**30}), "application/json"),
+        "topk_float": (as_json({"images": [good], "topk": 2.5}), "application/json"),
+        "lone_surrogate": (b'{"images": ["\\ud800\\udfff\\ud800"]}', "application/json"),
+        "kserve_v2_nested_data": (as_json({"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES",
+                                                       "data": [[[good]]]}]}), "application/json"),
+        "kserve_v1_instances_not_a_list": (as_json({"instances": good}), "application/json"),
+        "list_of_null": (as_json({"images": [None]}), "application/json"),
+        "bytes_posing_as_an_oip_body": (b'{"inputs": [' + bytes(range(256)) * 8, "application/json"),
+    }
+
+
+def test_no_request_can_fail_the_others_in_its_batch(server, imagenet_photos):
+    """Each hostile body sent together with five good requests, until TorchServe batches it with good ones."""
+    workers_before = server.worker_pids(MODEL)
+    url = f"{server.inference_url}/predictions/{MODEL}"
+    good = imagenet_photos[0]
+
+    def send(body, content_type):
+        headers = server.headers() | {"Content-Type": content_type}
+        return requests.post(url, data=body, headers=headers, timeout=120)
+
+    outcomes = {}
+    with ThreadPoolExecutor(6) as pool:
+        for name, (body, content_type) in hostile_bodies(good).items():
+            for _ in range(6):  # rounds, until the hostile request shared a handler call with good ones
+                logged = server.log_position()
+                futures = [pool.submit(send, body, content_type),
+                           *(pool.submit(send, good, "image/jpeg") for _ in range(5))]
+                hostile, *neighbours = [future.result() for future in futures]
+                assert hostile.status_code in (400, 413, 415), (name, hostile.status_code, hostile.text[:300])
+                assert len(hostile.json()["error"]["message"]) > 10, name
+                assert all(r.status_code == 200 and "topk" in r.json()[0] for r in neighbours), name
+                shared = call_holding(server, logged, hostile.headers["x-request-id"])
+                if len(shared) >= 2:
+                    break
+            outcomes[name] = (hostile.status_code, hostile.json()["error"]["message"][:70], len(shared))
+            assert len(shared) >= 2, f"{name} never shared a handler call with a good request"
+    print("\nhostile body: status, message, requests in the handler call it shared with good requests")
+    for name, (status, message, shared) in outcomes.items():
+        print(f"  {name}: {status} {message!r} {shared}")
+    assert server.worker_pids(MODEL) == workers_before
+
+
+def call_holding(server, since: int, request_id: str, timeout: float = 10) -> tuple[str, ...]:
+    """The request ids of the handler call that held ``request_id`` (logged after ``since``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ids in server.handler_calls(since):
+            if request_id in ids:
+                return ids
+        time.sleep(0.1)
+    raise AssertionError(f"no handler call with request {request_id} was logged within {timeout} s")
 
 
 def multipart_traffic(server, photos, clients):
