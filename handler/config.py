@@ -18,6 +18,7 @@ from typing import Any
 DECODE_STRATEGIES = ("threads", "dataloader", "inline")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "bf16")
+INTERPOLATIONS = ("bilinear", "bicubic")
 START_METHODS = ("forkserver", "spawn", "fork")
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
@@ -40,9 +41,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class HandlerConfig:
-    # Geometry and normalization (ImageNet defaults: resize 256, center-crop 224).
+    # Geometry and normalization (ImageNet defaults: resize 256, center-crop 224). build_mar.py writes the
+    # model's own values here (timm's pretrained config, torchvision's weights transforms).
     resize_size: int = 256
     crop_size: int = 224
+    interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     # Decode at a reduced JPEG DCT scale when the image is much larger than resize_size.
@@ -89,6 +92,10 @@ class HandlerConfig:
         _require(
             self.resize_size >= self.crop_size,
             f"resize_size ({self.resize_size}) must be at least crop_size ({self.crop_size})",
+        )
+        _require(
+            self.interpolation in INTERPOLATIONS,
+            f"interpolation must be one of {', '.join(INTERPOLATIONS)}; got {self.interpolation!r}",
         )
         _require(len(self.mean) == 3 and len(self.std) == 3, "mean and std must each have 3 values (R, G, B)")
         _require(all(s > 0 for s in self.std), "every std value must be greater than 0")

@@ -7,7 +7,7 @@ crop or the right ``ImageError``. Routing to the CPU is never wrong, only slower
 The eligible JPEGs are decoded in one batched call (nvJPEG on CUDA). A single bad image fails that
 whole call, so on failure each image is retried alone and only the failing ones are routed.
 
-Geometry is torchvision's ``Resize(resize_size)`` (bilinear, antialias) + ``CenterCrop(crop_size)``,
+Geometry is torchvision's ``Resize(resize_size)`` (bilinear or bicubic, antialias) + ``CenterCrop(crop_size)``,
 as in ``handler.imaging``. On the CPU torchvision resizes uint8 natively; on CUDA it resizes in
 float32 and rounds back to uint8, so the two devices may differ by a level here and there.
 """
@@ -99,7 +99,8 @@ def resize_and_crop(image: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
     """(3, H, W) uint8 -> (crop, crop, 3) uint8, contiguous, on the same device."""
     height, width = image.shape[-2:]
     new_width, new_height = resized_size(width, height, spec.resize_size)
-    resized = F.resize(image, [new_height, new_width], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    interpolation = InterpolationMode(spec.interpolation)
+    resized = F.resize(image, [new_height, new_width], interpolation=interpolation, antialias=True)
     cropped = F.center_crop(resized, [spec.crop_size, spec.crop_size])
     return cropped.permute(1, 2, 0).contiguous()
 

@@ -1,6 +1,6 @@
 """Decode one image and turn it into a uint8 RGB crop, on the CPU, without float conversion.
 
-The geometry reproduces torchvision's ``Resize(resize_size)`` + ``CenterCrop(crop_size)`` exactly,
+The geometry reproduces torchvision's ``Resize(resize_size, interpolation)`` + ``CenterCrop(crop_size)``,
 but resizes only the box that the crop keeps (PIL's ``resize(box=...)``), so no pixel outside the
 crop is ever resampled. Big JPEGs are decoded at a reduced DCT scale (``Image.draft``) that still
 leaves at least ``draft_margin * resize_size`` pixels on the short side: landing exactly on the
@@ -22,6 +22,9 @@ from handler.codecs import ImageError
 EXIF_ORIENTATION_TAG = 0x0112
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+# PIL's filters antialias when they shrink, like torchvision's Resize on PIL images (what timm's and
+# torchvision's eval transforms run).
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class TransformSpec:
     allowed_formats: tuple[str, ...]
     reduced_jpeg_decode: bool = True
     draft_margin: float = 1.25
+    interpolation: str = "bilinear"  # a key of RESAMPLING
 
 
 def resized_size(width: int, height: int, resize_size: int) -> tuple[int, int]:
@@ -91,14 +95,20 @@ def _decode_and_transform(payload: bytes, spec: TransformSpec) -> np.ndarray:
                             f"the limit is {spec.max_image_pixels}")
         )
 
-    orientation = _exif_orientation(image)
-    if spec.reduced_jpeg_decode and image.format == "JPEG":
-        upright_w, upright_h = (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)
-        need_w, need_h = resized_size(upright_w, upright_h, math.ceil(spec.resize_size * spec.draft_margin))
-        if orientation in TRANSPOSED_ORIENTATIONS:
-            need_w, need_h = need_h, need_w
-        image.draft("RGB", (need_w, need_h))
-    image.load()
+    if image.format == "JPEG":  # its EXIF sits in a header segment: readable before the pixels
+        orientation = _exif_orientation(image)
+        if spec.reduced_jpeg_decode:
+            upright_w, upright_h = (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)
+            need_w, need_h = resized_size(upright_w, upright_h, math.ceil(spec.resize_size * spec.draft_margin))
+            if orientation in TRANSPOSED_ORIENTATIONS:
+                need_w, need_h = need_h, need_w
+            image.draft("RGB", (need_w, need_h))
+        image.load()
+    else:
+        # Pixels first: PNG's getexif() loads the image itself, and an error swallowed there would leave
+        # the partial pixels of a corrupt file looking loaded.
+        image.load()
+        orientation = _exif_orientation(image)
     if orientation not in (None, 1):
         image = ImageOps.exif_transpose(image)
 
@@ -108,7 +118,7 @@ def _decode_and_transform(payload: bytes, spec: TransformSpec) -> np.ndarray:
     left, top, right, bottom = crop_box(upright_w, upright_h, spec.resize_size, spec.crop_size)
     scale_x, scale_y = image.width / upright_w, image.height / upright_h
     box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
-    cropped = image.resize((spec.crop_size, spec.crop_size), Image.Resampling.BILINEAR, box=box)
+    cropped = image.resize((spec.crop_size, spec.crop_size), RESAMPLING[spec.interpolation], box=box)
     return np.asarray(cropped)
 
 

@@ -33,6 +33,7 @@ def transform_spec(config: HandlerConfig) -> TransformSpec:
         allowed_formats=config.allowed_formats,
         reduced_jpeg_decode=config.reduced_jpeg_decode,
         draft_margin=config.draft_margin,
+        interpolation=config.interpolation,
     )
 
 
