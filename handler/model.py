@@ -1,23 +1,24 @@
-"""Build and load the classification model: torchvision architecture + plain state_dict, or TorchScript."""
+"""Load the classification model for serving: an architecture + its state_dict, or TorchScript."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
-import torchvision
 
+from handler.architectures import TORCHSCRIPT, build_architecture
 from handler.config import ConfigError, HandlerConfig
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_INFO_FILE = "weights_info.json"
+BUILD_INFO_FILE = "build_info.json"  # written by scripts/build_mar.py: what the archive holds, and from where
 LABELS_FILE = "index_to_name.json"
 UNTRAINED_WARNING = (
     "THE MODEL WEIGHTS ARE UNTRAINED (random initialisation, seed {seed}): predictions are meaningless. "
-    "Rebuild the archive with your own weights: scripts/build_mar.py --weights FILE"
+    "Serve your own weights: scripts/serve.sh --arch NAME --weights FILE"
 )
 
 
@@ -37,16 +38,6 @@ def model_dtype(config: HandlerConfig, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.precision]
 
 
-def build_architecture(name: str, num_classes: int) -> torch.nn.Module:
-    """A torchvision classification architecture with no weights downloaded."""
-    try:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    except (ValueError, KeyError):
-        raise ConfigError(
-            f"unknown architecture {name!r}; use a torchvision classification model name such as resnet50"
-        ) from None
-
-
 def random_state_dict(name: str, num_classes: int, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic random initialisation: the same seed gives the same weights everywhere."""
     torch.manual_seed(seed)
@@ -55,18 +46,71 @@ def random_state_dict(name: str, num_classes: int, seed: int) -> dict[str, torch
 
 def load_model(config: HandlerConfig, weights_path: Path, device: torch.device) -> torch.nn.Module:
     """Load weights (state_dict, or TorchScript when architecture is 'torchscript') in eval mode."""
-    if config.architecture == "torchscript":
+    if config.architecture == TORCHSCRIPT:
         model = torch.jit.load(str(weights_path), map_location="cpu")
     else:
         model = build_architecture(config.architecture, config.num_classes)
         state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
         if not isinstance(state_dict, dict):
             raise ConfigError(f"{weights_path.name} must hold a state_dict (torch.save(model.state_dict(), ...))")
+        check_weights_fit(model, state_dict, config.architecture)
         model.load_state_dict(state_dict)
     model = model.to(device=device, dtype=model_dtype(config, device)).eval()
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+class WeightsMismatch(ConfigError):
+    """A state_dict that does not fit the architecture it is meant for."""
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a torch.save file (.pt/.pth, also a checkpoint holding "state_dict" or "model")
+    or a .safetensors file; a DataParallel "module." prefix is removed."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state_dict: Any = load_file(str(path))
+    else:
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle/zip errors come in many types
+            raise WeightsMismatch(f"{path} is not a state_dict saved with torch.save ({error})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise WeightsMismatch(f"{path} does not hold a state_dict: save it with torch.save(model.state_dict(), "
+                              f"path) (for TorchScript use --arch torchscript)")
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    return state_dict
+
+
+def check_weights_fit(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], architecture: str) -> None:
+    """Raise WeightsMismatch naming the first key that does not fit, with both shapes.
+
+    BatchNorm's num_batches_tracked counters may be absent (many exported weights drop them).
+    """
+    expected = model.state_dict()
+    for key, tensor in state_dict.items():
+        if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+            raise WeightsMismatch(
+                f"the weights do not fit {architecture}: {key} has shape {tuple(tensor.shape)} in the file but "
+                f"{tuple(expected[key].shape)} in {architecture} (wrong --arch, or set num_classes?)"
+            )
+    missing = [key for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing:
+        raise WeightsMismatch(f"the weights do not fit {architecture}: {len(missing)} of its tensors are missing "
+                              f"from the file, the first is {missing[0]} (wrong --arch?)")
+    if unexpected:
+        raise WeightsMismatch(f"the weights do not fit {architecture}: the file has {len(unexpected)} tensors "
+                              f"{architecture} does not have, the first is {unexpected[0]} (wrong --arch?)")
+    for key in expected:
+        if key not in state_dict:
+            state_dict[key] = expected[key]  # the absent num_batches_tracked counters
 
 
 def compile_or_eager(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
@@ -84,16 +128,18 @@ def eager_model(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def warn_if_untrained(model_dir: Path) -> bool:
+def read_build_info(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / BUILD_INFO_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def warn_if_untrained(build_info: dict[str, Any]) -> bool:
     """Log loudly when the archive says its weights are a random initialisation."""
-    info_path = model_dir / WEIGHTS_INFO_FILE
-    if not info_path.exists():
-        return False
-    info = json.loads(info_path.read_text())
-    if info.get("source") != "random":
+    weights = build_info.get("weights", {})
+    if weights.get("source") != "random":
         return False
     banner = "!" * 100
-    logger.warning("%s\n%s\n%s", banner, UNTRAINED_WARNING.format(seed=info.get("seed")), banner)
+    logger.warning("%s\n%s\n%s", banner, UNTRAINED_WARNING.format(seed=weights.get("seed")), banner)
     return True
 
 

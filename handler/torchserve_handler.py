@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from handler.model import (
     eager_model,
     load_labels,
     load_model,
+    read_build_info,
     resolve_device,
     warn_if_untrained,
 )
@@ -40,6 +42,47 @@ from handler.server_metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 JSON_CONTENT_TYPE = "application/json"
+
+
+def log_preprocessing(config: HandlerConfig, build_info: dict[str, Any]) -> None:
+    """What the archive recorded at build time, and where each value came from (build_mar.py resolved it)."""
+    sources = {key: row.get("source", "?") for key, row in build_info.get("preprocessing", {}).items()}
+    logger.info(
+        "model %s (%d classes): resize %d, center crop %d, %s, mean %s, std %s; sources: %s",
+        config.architecture, config.num_classes, config.resize_size, config.crop_size, config.interpolation,
+        list(config.mean), list(config.std),
+        ", ".join(f"{key} <- {source}" for key, source in sources.items()) or "not recorded (archive built "
+        "without scripts/build_mar.py)",
+    )
+
+
+def live_backend_workers(proc: Path = Path("/proc")) -> int:
+    """TorchServe backend workers started by this worker's frontend, this one included (Linux; else 1)."""
+    parent = os.getppid()
+    count = 0
+    for entry in proc.glob("[0-9]*"):
+        try:
+            parent_of_entry = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent_of_entry == parent and b"model_service_worker" in (entry / "cmdline").read_bytes():
+                count += 1
+        except (OSError, ValueError, IndexError):
+            continue  # a process that ended meanwhile, or one we may not read
+    return max(count, 1)
+
+
+def warn_if_oversubscribed(config: HandlerConfig, workers: int) -> bool:
+    """Each worker sizes its threads for maxWorkers workers; more live workers than that share the cores."""
+    if workers <= config.max_workers or (config.decode_threads and config.torch_threads):
+        return False
+    logger.warning(
+        "%d TorchServe workers are running but maxWorkers is %d: each one sized its decode pool (%d threads) and "
+        "torch threads (%d) for %d worker(s) on %d cores, so the cores are oversubscribed. Set maxWorkers: %d "
+        "(the most workers you will scale to) in model-config.yaml and rebuild the archive "
+        "(scripts/serve.sh does), or set decode_threads and torch_threads in its handler: section.",
+        workers, config.max_workers, config.pool_size, config.intra_op_threads, config.max_workers,
+        config.cpu_count, workers,
+    )
+    return True
 
 
 class ImageBatchHandler(BaseHandler):
@@ -51,8 +94,10 @@ class ImageBatchHandler(BaseHandler):
         torch.set_num_threads(self.config.intra_op_threads)
         self.device = resolve_device(self.config.device, properties.get("gpu_id"))
         weights_path = model_dir / context.manifest["model"]["serializedFile"]
+        build_info = read_build_info(model_dir)
+        log_preprocessing(self.config, build_info)
         model = load_model(self.config, weights_path, self.device)
-        self.untrained = warn_if_untrained(model_dir)
+        self.untrained = warn_if_untrained(build_info)
         self.labels = load_labels(model_dir / LABELS_FILE, self.config.num_classes)
         self.limits = Limits(
             max_images=self.config.max_images_per_request,
@@ -68,6 +113,7 @@ class ImageBatchHandler(BaseHandler):
             self.device, self.config.decode_strategy, self.config.pool_size,
             self.config.intra_op_threads, self.config.max_batch,
         )
+        warn_if_oversubscribed(self.config, live_backend_workers())
 
     def _warm_up(self) -> None:
         """Run every bucket once; a model that fails to compile here is replaced by its eager self."""

@@ -75,6 +75,25 @@ def phone_set(count: int, seed: int = 1) -> list[bytes]:
     return images
 
 
+DECODE_SCALE_SIZES = ((640, 427), (1024, 683), (1600, 1200), (2592, 1944), (4032, 3024))
+
+
+def sized_set(sizes: tuple[tuple[int, int], ...] = DECODE_SCALE_SIZES, per_size: int = 12,
+              seed: int = 3) -> dict[str, bytes]:
+    """Photos from 0.3 to 12 MP, named by their size (e.g. 1024x683_05.jpg), with the phone set's grain."""
+    rng = np.random.default_rng(seed)
+    photos = source_photos()
+    images = {}
+    for width, height in sizes:
+        for index in range(per_size):
+            size = (width, height) if index % 3 else (height, width)
+            view = np.asarray(_random_view(photos[index % len(photos)], size, rng), dtype=np.float32)
+            grain = rng.normal(0.0, 4.0, view.shape).astype(np.float32)
+            noisy = Image.fromarray(np.clip(view + grain, 0, 255).astype(np.uint8))
+            images[f"{width}x{height}_{index:02d}.jpg"] = encode(noisy, "JPEG", quality=90)
+    return images
+
+
 def mixed_set(seed: int = 2) -> dict[str, bytes]:
     """One image per format/mode the handler must accept, named by what it exercises."""
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.metrics.metric_type_enum import MetricTypes
 
-from handler.model import LABELS_FILE, WEIGHTS_INFO_FILE
+from handler.model import BUILD_INFO_FILE, LABELS_FILE
 from handler.torchserve_handler import ImageBatchHandler
 
 METRICS_YAML = str(__import__("ts").__path__[0]) + "/configs/metrics.yaml"
@@ -23,7 +23,7 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), folder / "weights.pt")
     (folder / LABELS_FILE).write_text(json.dumps({str(i): f"class-{i}" for i in range(1000)}))
-    (folder / WEIGHTS_INFO_FILE).write_text(json.dumps({"source": "random", "seed": 0}))
+    (folder / BUILD_INFO_FILE).write_text(json.dumps({"weights": {"source": "random", "seed": 0}}))
     return folder
 
 

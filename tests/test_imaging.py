@@ -72,7 +72,7 @@ def test_reduced_dct_decode_is_used_for_big_jpegs_only(phone_photos, mixed_image
     monkeypatch.setattr(JpegImageFile, "draft", recording_draft)
     decode_and_transform(phone_photos[0], SPEC)
     decode_and_transform(mixed_images["grey.jpg"], SPEC)
-    assert decoded_sizes == [(504, 378), (512, 512)]  # 12 MP at 1/8 scale; 512 px left whole (no margin)
+    assert decoded_sizes == [(1008, 756), (512, 512)]  # 12 MP at 1/4 scale (>= 2 x 256); 512 px left whole
 
 
 @pytest.mark.parametrize("name", ["photo.png", "grey.jpg", "rgba.png", "la.png", "palette.gif", "photo.webp",
