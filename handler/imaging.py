@@ -67,14 +67,30 @@ def decode_and_transform(payload: bytes, spec: TransformSpec) -> np.ndarray | Im
     except Image.DecompressionBombError:
         return ImageError(413, f"image has too many pixels; the limit is {spec.max_image_pixels}")
     except UnidentifiedImageError:
+        claimed = claimed_format(payload)
+        if claimed in spec.allowed_formats:
+            return ImageError(400, f"image data is corrupt or truncated: it starts like a {claimed} file but its "
+                                   f"header cannot be read")
         return ImageError(
-            415, f"unsupported or unrecognised image format (or a corrupt header); accepted: "
-                 f"{', '.join(spec.allowed_formats)}"
+            415, f"unsupported or unrecognised image format; accepted: {', '.join(spec.allowed_formats)}"
         )
     except (OSError, SyntaxError, EOFError, ValueError, IndexError) as error:
         return ImageError(400, f"image data is corrupt or truncated ({type(error).__name__}: {error})")
     except MemoryError:
         return ImageError(413, "image is too large to decode")
+
+
+SIGNATURES = (  # the first bytes of each format PIL may be asked to open
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
+)
+
+
+def claimed_format(payload: bytes | bytearray) -> str | None:
+    """The format a file's signature claims (a damaged file of that format if PIL cannot open it)."""
+    if payload[:4] == b"RIFF" and payload[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for signature, name in SIGNATURES if payload.startswith(signature)), None)
 
 
 class _Rejected(Exception):

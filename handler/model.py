@@ -50,7 +50,11 @@ def load_model(config: HandlerConfig, weights_path: Path, device: torch.device) 
         model = torch.jit.load(str(weights_path), map_location="cpu")
     else:
         model = build_architecture(config.architecture, config.num_classes)
-        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a damaged file raises zip, pickle or runtime errors
+            raise ConfigError(f"the archive's weights file {weights_path.name} cannot be read ({error}); "
+                              f"rebuild the archive") from None
         if not isinstance(state_dict, dict):
             raise ConfigError(f"{weights_path.name} must hold a state_dict (torch.save(model.state_dict(), ...))")
         check_weights_fit(model, state_dict, config.architecture)

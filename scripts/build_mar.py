@@ -254,12 +254,13 @@ def build(args: argparse.Namespace) -> Path:
     info = {"model_name": name, "architecture": arch, "num_classes": num_classes, "weights": weights_info,
             "preprocessing": {key: {"value": value, "source": source} for key, value, source in rows},
             "inputs": inputs}
-    if previous is not None and not args.force and model_identity(previous) != model_identity(info):
-        raise BuildError(
-            f"{target} holds another model ({previous.get('architecture')}, weights "
-            f"{previous.get('weights', {}).get('file') or previous.get('weights', {}).get('source')}): choose "
-            f"another --model-name, or pass --force to replace it"
-        )
+    if previous is not None and model_identity(previous) != model_identity(info):
+        held = (f"{previous.get('architecture')}, weights "
+                f"{previous.get('weights', {}).get('file') or previous.get('weights', {}).get('source')}")
+        if not args.force:
+            raise BuildError(f"{target} holds another model ({held}): choose another --model-name, or pass "
+                             f"--force to replace it")
+        print(f"replacing {target}, which held {held}")
     print_resolution(name, rows, weights_info)
 
     args.export_path.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,26 @@ def _orientation_exif(orientation: int) -> bytes:
     return exif.tobytes()
 
 
+# The README's examples: scikit-image's photos as they are, re-encoded (name -> photo in its data folder).
+SAMPLES = {"cat.jpg": "chelsea.png", "coffee.jpg": "coffee.png", "cameraman.jpg": "camera.png",
+           "rocket.jpg": "rocket.jpg", "astronaut.png": "astronaut.png"}
+
+
+def write_samples(out: Path) -> Path:
+    """The sample photos the README and scripts/serve.sh use (skipped when already there)."""
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, source in SAMPLES.items():
+        target = out / name
+        if not target.exists():
+            photo = Image.open(folder / source).convert("RGB")
+            fmt = "PNG" if name.endswith(".png") else "JPEG"
+            target.write_bytes(encode(photo, fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+    return out
+
+
 def write_corpus(out: Path, imagenet: int = 64, phone: int = 32) -> Path:
     """Write the three sets under ``out`` (skipped when this version is already there)."""
     stamp = out / f".corpus-v{CORPUS_VERSION}-{imagenet}-{phone}"

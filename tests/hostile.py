@@ -38,6 +38,35 @@ def png_with_bad_header_crc(photo_png: bytes) -> bytes:
     return bytes(data)
 
 
+def _flip(data: bytes, at: float, length: int = 64) -> bytes:
+    start = int(len(data) * at)
+    return data[:start] + bytes(b ^ 0xA5 for b in data[start:start + length]) + data[start + length:]
+
+
+def damaged_images(photo_jpeg: bytes) -> dict[str, bytes]:
+    """Truncated files in every accepted format, and corruption the format can detect (checksummed or
+    compressed pixel data); each must be refused with 400. (Flipped bytes inside the pixel data of a JPEG,
+    BMP, WEBP or uncompressed TIFF may just be other pixels: no decoder can tell.)"""
+    small = Image.open(io.BytesIO(photo_jpeg)).convert("RGB").resize((240, 180))
+    encoded = {
+        "jpeg": _encode(small, "JPEG", quality=90), "jpeg_progressive": _encode(small, "JPEG", progressive=True),
+        "png": _encode(small, "PNG"), "webp": _encode(small, "WEBP", quality=85),
+        "webp_lossless": _encode(small, "WEBP", lossless=True), "bmp": _encode(small, "BMP"),
+        "gif": _encode(small.convert("P"), "GIF"), "tiff": _encode(small, "TIFF"),
+        "tiff_lzw": _encode(small, "TIFF", compression="tiff_lzw"),
+    }
+    damaged = {f"{name}_truncated_{int(keep * 100)}pct": data[: int(len(data) * keep)]
+               for name, data in encoded.items() for keep in (0.9, 0.5, 0.1)}
+    png = encoded["png"]
+    idat = png.index(b"IDAT") + 4
+    damaged["png_corrupt_idat_start"] = png[:idat + 40] + bytes(b ^ 0x5A for b in png[idat + 40: idat + 56]) + png[
+        idat + 56:]
+    damaged["png_corrupt_idat_middle"] = _flip(png, 0.5)
+    damaged["gif_corrupt_lzw_data"] = _flip(encoded["gif"], 0.5)
+    damaged["tiff_lzw_corrupt_strip"] = _flip(encoded["tiff_lzw"], 0.5)
+    return damaged
+
+
 def raw_hostile(photo_jpeg: bytes, max_image_bytes: int) -> dict[str, tuple[bytes, int]]:
     """Multipart-borne bad inputs: name -> (payload, expected per-image status)."""
     small = Image.open(io.BytesIO(photo_jpeg)).convert("RGB").resize((200, 150))
@@ -55,14 +84,15 @@ def raw_hostile(photo_jpeg: bytes, max_image_bytes: int) -> dict[str, tuple[byte
         "png_over_pixel_limit": (png_declaring(10_000, 6_000), 413),
         "jpeg_bomb_header": (jpeg_declaring(photo_jpeg, 9_000, 9_000), 413),
         "png_truncated_in_pixel_data": (png[: len(png) // 2], 400),
-        "png_bad_header_crc": (png_with_bad_header_crc(png), 415),
-        "jpeg_marker_then_garbage": (b"\xff\xd8\xff" + b"\x13\x37" * 400, 415),
+        "png_bad_header_crc": (png_with_bad_header_crc(png), 400),
+        "jpeg_marker_then_garbage": (b"\xff\xd8\xff" + b"\x13\x37" * 400, 400),
         "tiff_truncated": (_encode(small, "TIFF")[:600], 400),
         "webp_truncated": (_encode(small, "WEBP")[:200], 400),
         "gif_truncated": (_encode(small.convert("P"), "GIF")[:300], 400),
         "bmp_truncated_header": (b"BM" + b"\xff" * 60, 400),
         "null_bytes": (b"\x00" * 1000, 415),
         "over_byte_limit": (b"\xff\xd8" + b"\x00" * (max_image_bytes + 10), 413),
+        **{name: (data, 400) for name, data in damaged_images(photo_jpeg).items()},
     }
 
 

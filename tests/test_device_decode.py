@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import IMAGENET_MEAN, IMAGENET_STD, reference_tensor
+from reference import IMAGENET_MEAN, IMAGENET_STD, eval_transform, reference_tensor
 
 from handler.codecs import ImageError
 from handler.device_decode import DeviceJpegDecoder, torchvision_decode_batch
@@ -54,7 +54,7 @@ def differences(payloads: list[bytes], crops: list[torch.Tensor | None]) -> tupl
         levels = (crop.cpu().int() - cpu_path(payload).int()).abs()
         worst_levels = max(worst_levels, int(levels.max()))
         worst_mean = max(worst_mean, levels.float().mean().item())
-        reference = reference_tensor(payload, SPEC.resize_size, SPEC.crop_size)
+        reference = reference_tensor(payload, eval_transform(SPEC.resize_size, SPEC.crop_size))
         worst_normalized = max(worst_normalized, (normalized(crop.cpu()) - reference).abs().max().item())
     return worst_levels, worst_mean, worst_normalized
 

@@ -79,12 +79,13 @@ def test_one_answer_per_request_with_malformed_requests_and_corrupt_images(handl
         {"a": bytearray(good[1]), "b": bytearray(good[2][:300]), "c": bytearray(good[3])},  # corrupt in middle
         {"body": {"images": [b64(good[1]), "%%%"], "topk": 2}},                     # JSON with bad base64
         {"body": bytearray()},                                                      # empty
-        {"body": bytearray(b"GIF89a-not-really")},                                  # one image, undecodable
+        {"body": bytearray(b"GIF89a-not-really")},                                  # one image, damaged GIF
+        {"body": bytearray(b"plain words, no image")},                              # one image, not an image
         {"body": {"images": [b64(good[0])] * 65}},                                  # too many images
     ]
     responses, statuses, _ = run_batch(handler, model_dir, rows)
     assert len(responses) == len(rows)
-    assert statuses == [200, 400, 200, 200, 400, 415, 413]
+    assert statuses == [200, 400, 200, 200, 400, 400, 415, 413]
 
     alone = {i: handler.engine.predict([good[i]])[0] for i in range(4)}
     assert [t["index"] for t in responses[0][0]["topk"]] == [i for i, _ in alone[0]]
@@ -95,8 +96,9 @@ def test_one_answer_per_request_with_malformed_requests_and_corrupt_images(handl
     assert [t["index"] for t in responses[2][2]["topk"]] == [i for i, _ in alone[3]]
     assert len(responses[3][0]["topk"]) == 2 and "base64" in responses[3][1]["error"]["message"]
     assert responses[4]["error"]["status"] == 400
-    assert responses[5]["error"]["status"] == 415
-    assert "limit is 64 per request" in responses[6]["error"]["message"]
+    assert "starts like a GIF file" in responses[5]["error"]["message"]
+    assert "unsupported" in responses[6]["error"]["message"]
+    assert "limit is 64 per request" in responses[7]["error"]["message"]
 
 
 def test_kserve_bodies_answer_in_their_own_shape(handler, model_dir, imagenet_photos):

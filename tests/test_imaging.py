@@ -5,10 +5,10 @@ import io
 import numpy as np
 import pytest
 import torch
-from hostile import jpeg_declaring, png_declaring
+from hostile import damaged_images, jpeg_declaring, png_declaring
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
-from reference import IMAGENET_MEAN, IMAGENET_STD, reference_tensor
+from reference import IMAGENET_MEAN, IMAGENET_STD, eval_transform, reference_tensor
 
 from handler.codecs import ImageError
 from handler.imaging import TransformSpec, crop_box, decode_and_transform, resized_size
@@ -18,15 +18,15 @@ SPEC = TransformSpec(resize_size=256, crop_size=224, max_image_pixels=50_000_000
 ONE_LEVEL = 1 / 255 / min(IMAGENET_STD)  # one uint8 step, in normalized units
 
 
-def normalized(crop: np.ndarray) -> torch.Tensor:
+def normalized(crop: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     tensor = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (tensor - mean) / std
+    return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
 def max_difference(payloads: list[bytes], spec: TransformSpec = SPEC) -> tuple[float, float]:
-    diffs = [(normalized(decode_and_transform(p, spec)) - reference_tensor(p)).abs() for p in payloads]
+    """Worst and mean |ours - reference| in normalized units, against Resize + CenterCrop of the spec's geometry."""
+    transform = eval_transform(spec.resize_size, spec.crop_size, spec.interpolation)
+    diffs = [(normalized(decode_and_transform(p, spec)) - reference_tensor(p, transform)).abs() for p in payloads]
     return max(d.max().item() for d in diffs), max(d.mean().item() for d in diffs)
 
 
@@ -76,10 +76,31 @@ def test_reduced_dct_decode_is_used_for_big_jpegs_only(phone_photos, mixed_image
 
 
 @pytest.mark.parametrize("name", ["photo.png", "grey.jpg", "rgba.png", "la.png", "palette.gif", "photo.webp",
-                                  "cmyk.jpg", "small.jpg", "wide.jpg", "photo.bmp", "exif_rotated.jpg"])
+                                  "cmyk.jpg", "small.jpg", "wide.jpg", "photo.bmp", "exif_rotated.jpg", "grey16.png"])
 def test_every_mode_and_format_matches_reference(mixed_images, name):
     worst, _ = max_difference([mixed_images[name]])
     assert worst <= ONE_LEVEL * 1.01, name
+
+
+@pytest.mark.parametrize(("resize_size", "crop_size", "interpolation"), [
+    (256, 224, "bicubic"),  # timm's tf_efficientnet_lite0 (the demo), crop_pct 0.875
+    (235, 224, "bicubic"),  # timm's resnet50: crop_pct 0.95
+    (274, 240, "bicubic"),  # timm's efficientnet_b1 size
+    (288, 288, "bicubic"),  # crop_pct 1.0 at 288
+    (320, 300, "bicubic"),  # torchvision's efficientnet_b3
+    (342, 299, "bilinear"),  # torchvision's inception_v3
+    (438, 384, "bicubic"),  # a 384 px model
+])
+def test_model_geometries_match_resize_and_center_crop(imagenet_photos, mixed_images, resize_size, crop_size,
+                                                       interpolation):
+    spec = TransformSpec(**{**SPEC.__dict__, "resize_size": resize_size, "crop_size": crop_size,
+                            "interpolation": interpolation})
+    photos = [*imagenet_photos[:6], mixed_images["wide.jpg"], mixed_images["exif_rotated.jpg"],
+              mixed_images["small.jpg"]]
+    assert decode_and_transform(photos[0], spec).shape == (crop_size, crop_size, 3)
+    worst, mean = max_difference(photos, spec)
+    assert worst <= ONE_LEVEL * 1.01
+    assert mean < 0.002  # a level here and there, never a shifted or differently filtered crop
 
 
 def test_exif_orientation_is_applied(mixed_images):
@@ -92,15 +113,18 @@ def test_exif_orientation_is_applied(mixed_images):
 
 
 def test_sixteen_bit_grey_keeps_its_top_byte():
-    grey = np.random.default_rng(0).integers(0, 256, (300, 400), dtype=np.uint8)
-    as_png = {}
-    for name, image in (("L", Image.fromarray(grey, "L")),
-                        ("I;16", Image.fromarray(grey.astype(np.uint16) * 257))):
+    """The high byte is the picture; a decoder that kept the low byte (or clipped) would see noise or white."""
+    rng = np.random.default_rng(0)
+    high = rng.integers(0, 256, (300, 400), dtype=np.uint16)
+    low = rng.integers(0, 256, (300, 400), dtype=np.uint16)  # unrelated to the high byte
+    buffers = {}
+    for name, image in (("L", Image.fromarray(high.astype(np.uint8), "L")),
+                        ("I;16", Image.fromarray(high * 256 + low))):
         buffer = io.BytesIO()
         image.save(buffer, "PNG")
-        as_png[name] = buffer.getvalue()
-    assert Image.open(io.BytesIO(as_png["I;16"])).mode.startswith("I")
-    np.testing.assert_array_equal(decode_and_transform(as_png["I;16"], SPEC), decode_and_transform(as_png["L"], SPEC))
+        buffers[name] = buffer.getvalue()
+    assert Image.open(io.BytesIO(buffers["I;16"])).mode.startswith("I")
+    np.testing.assert_array_equal(decode_and_transform(buffers["I;16"], SPEC), decode_and_transform(buffers["L"], SPEC))
 
 
 def test_animated_gif_uses_first_frame():
@@ -111,11 +135,11 @@ def test_animated_gif_uses_first_frame():
     assert tuple(crop[100, 100]) == (255, 0, 0)
 
 
-def test_input_bytes_are_not_modified(imagenet_photos):
-    payload = bytearray(imagenet_photos[0])
-    before = bytes(payload)
-    decode_and_transform(bytes(payload), SPEC)
-    assert payload == before
+def test_input_bytes_are_not_modified(imagenet_photos, mixed_images):
+    for photo in (imagenet_photos[0], mixed_images["photo.png"], mixed_images["exif_rotated.jpg"]):
+        payload = bytearray(photo)  # mutable: a decoder writing into its input would change it
+        decode_and_transform(payload, SPEC)
+        assert payload == photo
 
 
 @pytest.mark.parametrize(
@@ -129,7 +153,8 @@ def test_input_bytes_are_not_modified(imagenet_photos):
         (lambda photos: b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'/>", 415, "unsupported"),
         (lambda photos: b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", 415, "unsupported"),
         (lambda photos: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 415, "unsupported"),
-        (lambda photos: photos[0][:2] + b"\x00" * 500, 415, "corrupt header"),
+        (lambda photos: photos[0][:2] + b"\x00" * 500, 415, "unsupported or unrecognised image format"),
+        (lambda photos: b"II*\x00" + b"\x00" * 40, 400, "starts like a TIFF file"),
     ],
 )
 def test_bad_images_get_a_clear_error_instead_of_an_exception(imagenet_photos, make, status, fragment):
@@ -137,6 +162,15 @@ def test_bad_images_get_a_clear_error_instead_of_an_exception(imagenet_photos, m
     assert isinstance(result, ImageError), result
     assert result.status == status
     assert fragment in result.message
+
+
+def test_every_damaged_image_in_every_format_is_refused_with_400(imagenet_photos):
+    damaged = damaged_images(imagenet_photos[0])
+    assert len(damaged) >= 30
+    for name, payload in damaged.items():
+        result = decode_and_transform(payload, SPEC)
+        assert isinstance(result, ImageError) and result.status == 400, (name, result)
+        assert "corrupt or truncated" in result.message, name
 
 
 def test_formats_outside_the_allowed_list_are_refused(mixed_images):
