@@ -12,8 +12,8 @@ import requests
 import torch
 import yaml
 from client import classify, classify_one_per_request
-from conftest import REPO, keep_logs_if_failed
-from reference import reference_tensor
+from conftest import DEMO_MODEL_NAME, REPO, keep_logs_if_failed
+from reference import reference_probabilities, timm_transform
 from traffic import Traffic, scale_out_and_back
 from ts_server import TorchServe
 
@@ -22,7 +22,9 @@ from handler.engine import InferenceEngine
 from handler.model import load_model
 
 pytestmark = pytest.mark.e2e
-MODEL = "resnet50"
+MODEL = DEMO_MODEL_NAME
+CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,7 @@ def model_store(tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
     subprocess.run([sys.executable, str(REPO / "scripts" / "build_mar.py"), "--export-path", str(store)],
                    check=True, capture_output=True)
+    assert (store / f"{MODEL}.mar").exists()
     return store
 
 
@@ -81,6 +84,22 @@ def test_raw_body_put_and_post(server, imagenet_photos, in_process_engine):
         assert {"label", "index", "score"} == set(body[0]["topk"][0])
 
 
+def test_the_trained_demo_knows_a_cat_and_an_espresso_in_every_request_format(server, samples):
+    """Raw, multipart and JSON requests for scikit-image's cat and coffee photos: real labels, same answers."""
+    url = f"{server.inference_url}/predictions/{MODEL}"
+    cat, coffee = samples["cat.jpg"], samples["coffee.jpg"]
+    raw = [requests.put(url, data=photo, headers=server.headers(), timeout=60).json()[0] for photo in (cat, coffee)]
+    multipart = requests.post(url, files={"a": cat, "b": coffee}, headers=server.headers(), timeout=60).json()
+    as_json = requests.post(url, json={"images": [base64.b64encode(p).decode() for p in (cat, coffee)]},
+                            headers=server.headers(), timeout=60).json()
+    for entries in (raw, multipart, as_json):
+        cat_top5, coffee_top5 = (set(indices(entry)) for entry in entries)
+        assert cat_top5 & CAT_CLASSES, entries[0]
+        assert coffee_top5 & COFFEE_CLASSES, entries[1]
+        assert entries[1]["topk"][0]["label"] == "espresso" and entries[1]["topk"][0]["score"] > 0.9
+        assert [indices(entry) for entry in entries] == [indices(entry) for entry in raw]
+
+
 def test_multipart_with_32_photos_returns_32_entries_in_order(server, imagenet_photos, in_process_engine):
     photos = imagenet_photos[:32]
     files = {f"image{i:02d}": (f"p{i}.jpg", photo, "image/jpeg") for i, photo in enumerate(photos)}
@@ -92,12 +111,9 @@ def test_multipart_with_32_photos_returns_32_entries_in_order(server, imagenet_p
     entries = response.json()
     print(f"\n32-photo multipart request: {elapsed * 1e3:.0f} ms")
     assert_matches_engine(entries, in_process_engine.predict(photos))
-    with torch.inference_mode():
-        reference = in_process_engine.model(torch.stack([reference_tensor(p) for p in photos]))
-    agreeing = sum(e["topk"][0]["index"] == int(r.argmax()) for e, r in zip(entries, reference, strict=True))
-    agreement = agreeing / len(photos)
-    print(f"top-1 agreement with the full-decode reference pipeline: {agreement:.0%}")
-    assert agreement >= 0.9
+    model = in_process_engine.model
+    reference = reference_probabilities(model, photos, timm_transform(model))
+    assert [indices(entry) for entry in entries] == reference.topk(5, dim=1).indices.tolist()  # timm's pipeline
 
 
 def test_json_request_with_a_bad_image_keeps_the_good_ones(server, imagenet_photos, in_process_engine):
@@ -157,6 +173,10 @@ def test_scale_to_two_workers_and_back_while_requests_flow(server, imagenet_phot
           f"(in flight on the worker TorchServe stopped: {len(lost)})")
     assert len(traffic.outcomes) >= 4
     assert traffic.failures == lost and len(lost) <= 2
+    # maxWorkers is 1 in model-config.yaml: the second worker warns that the cores are now oversubscribed
+    worker_log = (server.workdir / "logs" / "model_log.log").read_text()
+    assert "2 TorchServe workers are running but maxWorkers is 1" in worker_log
+    assert "Set maxWorkers: 2" in worker_log
 
 
 def test_stopping_leaves_no_process_behind(model_store, imagenet_photos):
