@@ -23,9 +23,9 @@ START_METHODS = ("forkserver", "spawn", "fork")
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
-def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max"), affinity: int | None = None) -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup v2 quota (a container's CPU limit)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = affinity or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     try:
         quota, period = cgroup_cpu_max.read_text().split()[:2]
         if quota != "max":

@@ -15,13 +15,14 @@ class ServerMetrics:
         self._cache = metrics_cache
 
     def record(self, requests: int, timings: Timings, handle_seconds: float) -> None:
-        """Never raises: a metrics failure must not cost anyone an answer."""
+        """ImagesProcessed counts the images classified, ImagesRejected{Status} those refused (their sum is
+        every image received). Never raises: a metrics failure must not cost anyone an answer."""
         if self._cache is None:
             return
         try:
             from ts.metrics.dimension import Dimension
 
-            self._cache.add_counter("ImagesProcessed", timings.images)
+            self._cache.add_counter("ImagesProcessed", timings.images - sum(timings.rejected.values()))
             self._cache.add_metric("RequestsPerBatch", requests, "count", metric_type=_gauge())
             self._cache.add_metric("ImagesPerRequest", timings.images / max(requests, 1), "count",
                                    metric_type=_gauge())

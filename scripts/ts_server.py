@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -30,6 +29,10 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+class PortCollision(RuntimeError):
+    """Another process bound one of the ports between choosing it and TorchServe binding it."""
 
 
 class TorchServe:
@@ -75,7 +78,9 @@ class TorchServe:
         settings["load_models"] = ",".join(self.models)
         settings["grpc_inference_port"] = str(free_port())
         settings["grpc_management_port"] = str(free_port())
-        settings["initial_worker_port"] = str(random.randint(20000, 40000))
+        # Worker sockets are Unix sockets named after this port in this server's own TMPDIR: no other server
+        # can collide with them, whatever its initial_worker_port.
+        settings["initial_worker_port"] = "9000"
         settings.update(self.extra_config)
         path = self.workdir / "config.properties"
         path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
@@ -88,8 +93,26 @@ class TorchServe:
         env["TEMP"] = str(self.tmpdir)  # torchserve passes it to the JVM as java.io.tmpdir (worker sockets)
         return env
 
-    def start(self) -> TorchServe:
+    def start(self, attempts: int = 3) -> TorchServe:
+        """Start and wait until every model has a READY worker.
+
+        A free port found by binding and releasing it can be taken by another process before TorchServe binds
+        it; such a collision is recognised in TorchServe's log and the start is retried on new ports.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once()
+            except PortCollision:
+                if attempt == attempts:
+                    raise
+                print(f"TorchServe lost a port race (attempt {attempt}); retrying on new ports", file=sys.stderr)
+                self.ports = {key: free_port() for key in PORT_KEYS}
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> TorchServe:
         config = self._write_config()
+        self.frontend, self.keys = None, {}
+        (self.tmpdir / ".model_server.pid").unlink(missing_ok=True)
         log = (self.workdir / "torchserve.out").open("wb")
         subprocess.run(
             ["torchserve", "--start", "--ts-config", str(config), "--model-store", str(self.model_store), "--ncs"],
@@ -99,6 +122,9 @@ class TorchServe:
         while time.monotonic() < deadline:
             self._find_frontend()
             if self.frontend is not None and not self.frontend.is_running():
+                if "Address already in use" in self._logs_text():
+                    self.stop()
+                    raise PortCollision()
                 raise RuntimeError(f"TorchServe exited during start-up; see {self.workdir}/logs")
             key_file = self.workdir / "key_file.json"
             if key_file.exists():
@@ -112,6 +138,10 @@ class TorchServe:
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"TorchServe did not get ready in {self.startup_timeout:.0f} s; logs kept in {self.workdir}")
+
+    def _logs_text(self) -> str:
+        paths = [self.workdir / "torchserve.out", *sorted((self.workdir / "logs").glob("*.log"))]
+        return "".join(path.read_text(errors="replace") for path in paths if path.exists())
 
     def _find_frontend(self) -> None:
         if self.frontend is not None:

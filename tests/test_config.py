@@ -68,10 +68,19 @@ def test_config_is_immutable():
         config.max_batch = 3  # type: ignore[misc]
 
 
-def test_available_cpus_respects_a_container_quota(tmp_path):
-    cpu_max = tmp_path / "cpu.max"
-    cpu_max.write_text("150000 100000\n")  # a pod limited to 1.5 CPUs
-    assert available_cpus(cpu_max) == min(2, len(os.sched_getaffinity(0)))
-    cpu_max.write_text("max 100000\n")
-    assert available_cpus(cpu_max) == len(os.sched_getaffinity(0))
+@pytest.mark.parametrize(("cpu_max", "affinity", "expected"), [
+    ("150000 100000\n", 8, 2),    # a pod limited to 1.5 CPUs on an 8-core node: rounded up to 2
+    ("400000 100000\n", 8, 4),
+    ("100000 100000\n", 16, 1),
+    ("800000 100000\n", 2, 2),    # a quota above the affinity: the affinity wins
+    ("max 100000\n", 8, 8),        # no quota
+    ("garbage\n", 8, 8),           # unreadable: the affinity is the limit
+])
+def test_available_cpus_respects_a_container_quota(tmp_path, cpu_max, affinity, expected):
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    assert available_cpus(tmp_path / "cpu.max", affinity=affinity) == expected
+
+
+def test_available_cpus_without_a_quota_file_is_this_process_affinity(tmp_path):
     assert available_cpus(tmp_path / "missing") == len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path / "missing", affinity=6) == 6

@@ -1,6 +1,7 @@
 """End to end: build the .mar, start a real TorchServe on free loopback ports with token auth, talk HTTP."""
 
 import base64
+import socket
 import subprocess
 import sys
 import time
@@ -167,7 +168,7 @@ def test_scale_to_two_workers_and_back_while_requests_flow(server, imagenet_phot
         return requests.post(url, files=files, headers=server.headers(), timeout=60).status_code
 
     with Traffic(send, clients=2, max_seconds=240) as traffic:
-        scale_down_window = scale_out_and_back(server, MODEL, workers=2, hold_s=3)
+        scale_down_window = scale_out_and_back(server, MODEL, workers=2, hold_s=3, traffic=traffic)
     lost = traffic.failures_in_flight_during(*scale_down_window)
     print(f"\nrequests during scaling: {len(traffic.outcomes)}, failed: {len(traffic.failures)} "
           f"(in flight on the worker TorchServe stopped: {len(lost)})")
@@ -203,3 +204,20 @@ def test_python_client_multipart_and_one_per_request_agree(server, corpus, tmp_p
     assert len(together) == len(separately) == 5
     assert [indices(e) for e in together[:4]] == [indices(e) for e in separately[:4]]
     assert together[4]["error"]["status"] == separately[4]["error"]["status"] == 415
+
+
+def test_a_port_taken_before_torchserve_binds_it_is_retried_on_new_ports(model_store):
+    """The race a bind-and-release port search leaves open, forced: another process holds the port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        server = TorchServe(model_store, [f"{MODEL}.mar"])
+        server.ports["inference_address"] = taken
+        server.start()
+        try:
+            assert server.ports["inference_address"] != taken
+            assert requests.get(f"{server.inference_url}/ping", headers=server.headers(), timeout=30).status_code == 200
+        finally:
+            server.stop()
+            server.cleanup()

@@ -1,5 +1,8 @@
 """The engine without a server: batching, strategies, ordering, errors, buckets."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -245,3 +248,30 @@ def test_cpu_warm_up_covers_small_batches_and_max_batch(small_model):
     handle.remove()
     assert sorted({shape[0] for shape in shapes}) == [1, 2, 3, 4, 5, 6, 7, 8, 16]
     engine.close()
+
+
+def test_the_pool_decodes_as_many_images_at_once_as_it_has_threads(imagenet_photos, monkeypatch):
+    """The point of the pool: with 3 threads, 3 images are decoded at the same time, and order is kept."""
+    lock, running, peak = threading.Lock(), [0], [0]
+    real_decode = preprocess.decode_and_transform
+
+    def decode_and_count(payload, spec):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.05)  # long enough for the other threads to start theirs
+            return real_decode(payload, spec)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(preprocess, "decode_and_transform", decode_and_count)
+    photos = imagenet_photos[:9]
+    pooled = Preprocessor(make_config(decode_threads=3))
+    crops = list(pooled.map(photos))
+    pooled.close()
+    assert peak[0] == 3
+    inline = Preprocessor(make_config(decode_strategy="inline"))
+    for crop, expected in zip(crops, inline.map(photos), strict=True):
+        np.testing.assert_array_equal(crop, expected)

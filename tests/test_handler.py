@@ -3,13 +3,13 @@
 import base64
 import json
 import logging
+import re
 
 import pytest
 import torch
 import torchvision
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-from ts.metrics.metric_type_enum import MetricTypes
 
 from handler.model import BUILD_INFO_FILE, LABELS_FILE
 from handler.torchserve_handler import ImageBatchHandler
@@ -126,12 +126,32 @@ def test_a_failing_model_answers_every_request_with_500(handler, model_dir, imag
     assert responses[1][0]["error"]["status"] == 500 and responses[1][1]["error"]["status"] == 415
 
 
-def test_batch_metrics_are_recorded(handler, model_dir, imagenet_photos):
-    _, _, context = run_batch(handler, model_dir, [{"a": bytearray(imagenet_photos[0]), "b": bytearray(b"zz")}])
-    for name in ("ImagesProcessed", "ImagesRejected"):
-        assert context.metrics.get_metric(name, MetricTypes.COUNTER) is not None
-    for name in ("InferenceTime", "DecodeWaitTime", "BatchHandleTime", "ImagesPerRequest", "RequestsPerBatch"):
-        assert context.metrics.get_metric(name, MetricTypes.GAUGE) is not None
+def emitted_metrics(caplog) -> dict[str, list[tuple[float, str]]]:
+    """The metric lines TorchServe's metrics cache logged: name -> [(value, dimensions)]."""
+    found: dict[str, list[tuple[float, str]]] = {}
+    for record in caplog.records:
+        match = re.match(r"\[METRICS\](\w+)\.\w+:([0-9.e+-]+)\|#([^|]*)\|", record.getMessage())
+        if match:
+            found.setdefault(match.group(1), []).append((float(match.group(2)), match.group(3)))
+    return found
+
+
+def test_batch_metrics_are_recorded_with_their_values(handler, model_dir, imagenet_photos, caplog):
+    caplog.set_level(logging.INFO, logger="ts.metrics")
+    rows = [{"a": bytearray(imagenet_photos[0]), "b": bytearray(b"zz"), "c": bytearray(imagenet_photos[1])},
+            {"body": bytearray(imagenet_photos[2])}, {"body": {"images": ["%%%"]}}]
+    run_batch(handler, model_dir, rows)
+    metrics = emitted_metrics(caplog)
+    assert [value for value, _ in metrics["ImagesProcessed"]] == [3]  # classified
+    assert sorted((dims.split(",")[0], value) for value, dims in metrics["ImagesRejected"]) == [
+        ("Status:400", 1), ("Status:415", 1)]
+    assert [value for value, _ in metrics["RequestsPerBatch"]] == [3]
+    assert [value for value, _ in metrics["ImagesPerRequest"]] == [pytest.approx(5 / 3)]
+    for name in ("InferenceTime", "DecodeWaitTime", "BatchHandleTime"):
+        [(milliseconds, _)] = metrics[name]
+        assert 0 < milliseconds < 60_000, name
+    [(handle_ms, _)] = metrics["BatchHandleTime"]
+    assert handle_ms >= metrics["InferenceTime"][0][0]
 
 
 def test_a_model_that_fails_to_compile_falls_back_to_eager(model_dir, imagenet_photos, monkeypatch, caplog):

@@ -9,21 +9,22 @@ from collections.abc import Callable
 import requests
 
 
-def scale_out_and_back(server, model: str, workers: int, hold_s: float) -> tuple[float, float]:
-    """Scale ``model`` to ``workers``, hold, scale back to 1 (each step checked); the scale-down window.
+def scale_out_and_back(server, model: str, workers: int, hold_s: float, traffic: Traffic) -> tuple[float, float]:
+    """With ``traffic`` flowing: scale ``model`` to ``workers``, hold, scale back to 1 (each step checked), and
+    wait for requests answered after it; returns the scale-down window.
 
     TorchServe 0.12 stops a busy worker at once on scale-down and drops the batch it is running
     (pytorch/serve issue #1101, open): requests in flight in that window may be lost, no others.
     """
-    time.sleep(2)
+    traffic.wait_for_outcomes(2)
     server.scale(model, workers)
     assert server.ready_workers(model) == workers
-    time.sleep(hold_s)
+    time.sleep(hold_s)  # serving on several workers for a while: the point of the exercise
     scale_down_started = time.monotonic()
     server.scale(model, 1)
     scale_down_done = time.monotonic()
     assert server.ready_workers(model) == 1
-    time.sleep(2)
+    traffic.wait_for_outcomes(2, started_after=scale_down_done)
     return scale_down_started, scale_down_done
 
 
@@ -50,6 +51,14 @@ class Traffic:
             except requests.RequestException:
                 status = -1
             self.outcomes.append((started, time.monotonic(), status))
+
+    def wait_for_outcomes(self, count: int, started_after: float = 0.0, timeout: float = 120) -> None:
+        """Block until ``count`` requests that started after ``started_after`` have been answered."""
+        deadline = time.monotonic() + timeout
+        while sum(outcome[0] > started_after for outcome in self.outcomes) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {count} requests answered within {timeout} s")
+            time.sleep(0.1)
 
     @property
     def failures(self) -> list[tuple[float, float, int]]:
