@@ -433,9 +433,11 @@ def check_pod_config(m: Manifests) -> list[str]:
         expiry = 0.0
     if expiry < 24 * 60:
         problems.append(f"token_expiration_min={config.get('token_expiration_min')}: keys (and readiness) die early")
+    if not config.get("load_models", "").endswith(".mar"):
+        problems.append("load_models must name the archive to serve (scripts/serve.sh passes it as --models)")
     # Everything else must match the repo's config.properties.
     differs_by_design = {"inference_address", "management_address", "metrics_address", "model_store",
-                         "max_request_size", "max_response_size", "token_expiration_min"}
+                         "max_request_size", "max_response_size", "token_expiration_min", "load_models"}
     for key in sorted((set(repo) | set(config)) - differs_by_design):
         if repo.get(key) != config.get(key):
             problems.append(f"{key} is {config.get(key)!r} in the pod but {repo.get(key)!r} in config.properties")
@@ -587,6 +589,10 @@ def _default_expiry(m: Manifests) -> None:
     set_config_line(m, "token_expiration_min", None)
 
 
+def _no_model_loaded(m: Manifests) -> None:
+    set_config_line(m, "load_models", None)
+
+
 def _envvars_on(m: Manifests) -> None:
     set_config_line(m, "enable_envvars_config", "true")
 
@@ -649,6 +655,7 @@ CROSS_CHECKS: dict[str, tuple[Callable[[Manifests], list[str]], Callable[[Manife
     "model API off": (check_pod_config, _model_api_on),
     "metrics in Prometheus format": (check_pod_config, _metrics_log_mode),
     "keys outlive an hour": (check_pod_config, _default_expiry),
+    "the pod loads the model": (check_pod_config, _no_model_loaded),
     "no env-var overrides": (check_pod_config, _envvars_on),
     "pod config follows repo config": (check_pod_config, _drift_from_repo),
     "ConfigMap mounted where --ts-config reads": (check_config_mount, _config_mounted_elsewhere),
