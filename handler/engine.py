@@ -26,7 +26,7 @@ import torch
 
 from handler.codecs import ImageError, Payload
 from handler.config import ConfigError, HandlerConfig
-from handler.device import DeviceRuntime, PendingHost, StagingBuffers
+from handler.device import DeviceLost, DeviceRuntime, PendingHost, StagingBuffers
 from handler.device_decode import DeviceJpegDecoder
 from handler.model import model_dtype
 from handler.preprocess import Decoded, Preprocessor, transform_spec
@@ -158,24 +158,34 @@ class InferenceEngine:
         topk = topk or self.config.topk
         timings = Timings(images=len(payloads))
         results: list[TopK | ImageError | None] = [None] * len(payloads)
-        pending: tuple[_Chunk, PendingHost] | None = None
-        with torch.inference_mode():
-            for chunk in self._chunks(self._decoded(payloads), results, timings):
-                started = time.perf_counter()
-                launched = self._guarded(self._launch, chunk, results, chunk, topk)
-                if pending is not None:
-                    self._guarded(self._collect, pending[0], results, *pending, results)
-                pending = None if launched is None else (chunk, launched)
-                timings.inference += time.perf_counter() - started
-            if pending is not None:
-                started = time.perf_counter()
-                self._guarded(self._collect, pending[0], results, *pending, results)
-                timings.inference += time.perf_counter() - started
+        try:
+            with torch.inference_mode():
+                self._run(payloads, topk, results, timings)
+        except DeviceLost:
+            raise
+        except Exception as error:  # a device error can surface anywhere (a stream sync, an event): judge it too
+            self.runtime.check_after_failure(error)
+            raise
         for result in results:
             if isinstance(result, ImageError):
                 timings.rejected[result.status] = timings.rejected.get(result.status, 0) + 1
         self.last_timings = timings
         return results  # type: ignore[return-value]
+
+    def _run(self, payloads: Sequence[Payload], topk: int, results: list, timings: Timings) -> None:
+        """Launch chunk k, then collect chunk k-1: its results are read while chunk k runs."""
+        pending: tuple[_Chunk, PendingHost] | None = None
+        for chunk in self._chunks(self._decoded(payloads), results, timings):
+            started = time.perf_counter()
+            launched = self._guarded(self._launch, chunk, results, chunk, topk)
+            if pending is not None:
+                self._guarded(self._collect, pending[0], results, *pending, results)
+            pending = None if launched is None else (chunk, launched)
+            timings.inference += time.perf_counter() - started
+        if pending is not None:
+            started = time.perf_counter()
+            self._guarded(self._collect, pending[0], results, *pending, results)
+            timings.inference += time.perf_counter() - started
 
     def _decoded(self, payloads: Sequence[Payload]) -> Iterator[Decoded | torch.Tensor]:
         """Crops in input order. With a device decoder, one max_batch slice at a time (lazily, so slice k+1

@@ -10,7 +10,7 @@ import torch
 from conftest import make_config
 from PIL import Image
 from reference import reference_tensor
-from simulated_device import SimulatedRuntime, out_of_memory, sticky_error
+from simulated_device import RecordingFence, SimulatedRuntime, out_of_memory, sticky_error
 from torch._dynamo.utils import counters
 
 from handler import device_decode, preprocess
@@ -271,6 +271,30 @@ def test_a_sticky_device_error_raises_device_lost(small_model, imagenet_photos):
     engine = InferenceEngine(make_config(), faulting_model, torch.device("cpu"), runtime=SimulatedRuntime(lost=True))
     with pytest.raises(DeviceLost):
         engine.predict(imagenet_photos[:3])
+    engine.close()
+
+
+class FailsOnItsSecondWait(RecordingFence):
+    def wait(self):
+        super().wait()
+        if self.log.count(("wait", self.name)) == 2:
+            raise sticky_error()
+
+
+class ErrorSurfacingAtAStagingWait(SimulatedRuntime):
+    """A sticky error reported by the next CUDA call, here the event wait before staging buffer 0 is reused."""
+
+    def fence(self, name):
+        return FailsOnItsSecondWait(name, self.log) if name == "staging[0]" else super().fence(name)
+
+
+@pytest.mark.parametrize("lost", [True, False])
+def test_an_error_outside_the_model_steps_is_judged_too(small_model, imagenet_photos, lost):
+    runtime = ErrorSurfacingAtAStagingWait(lost=lost)
+    engine = InferenceEngine(make_config(max_batch=2), small_model, torch.device("cpu"), runtime=runtime)
+    with pytest.raises(DeviceLost if lost else RuntimeError) as raised:
+        engine.predict(imagenet_photos[:6])
+    assert isinstance(raised.value, DeviceLost) == lost  # not lost: the handler answers 500, the worker lives
     engine.close()
 
 
