@@ -10,14 +10,21 @@
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-import torch
-from PIL import Image
-from reference import reference_transform
-from torch.utils.data import DataLoader, Dataset
+REPO = Path(__file__).resolve().parent.parent
+for _path in (REPO, REPO / "scripts"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from handler.imaging import to_rgb
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from reference import reference_transform  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from handler.imaging import to_rgb  # noqa: E402
 
 
 def stock_batch(images: Sequence[bytes], device: torch.device, torch_threads: int = 0) -> torch.Tensor:
