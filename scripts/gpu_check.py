@@ -23,7 +23,7 @@ Images: baseline and progressive JPEGs, 500x375 and 12 MP; real photos from .cac
 drawn with numpy and Pillow otherwise. One JSON report goes to $OUT (or bench_results/). Exit code 0 when
 every check that could run passed.
 
-    python3 scripts/gpu_check.py            # on the GPU machine: everything (a few minutes)
+    python3 scripts/gpu_check.py            # on the GPU machine: everything (estimated 5-8 minutes, compile included)
     python3 scripts/gpu_check.py --quick    # fewer images and repeats, no compile; also runs on a CPU
 """
 
@@ -87,12 +87,12 @@ class Context:
         self.quick = args.quick
         self.images = args.images or (8 if args.quick else 32)
         self.max_batch = args.max_batch or (3 if args.quick else 8)
-        self.repeats = args.repeats or (2 if args.quick else 10)
+        self.repeats = args.repeats or (2 if args.quick else 5)
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self.precision = "fp16" if self.cuda else "fp32"
         started = time.perf_counter()
-        self.corpus = load_corpus(small=self.images, large=min(self.images, 4 if args.quick else 16))
+        self.corpus = load_corpus(small=self.images, large=min(self.images, 4 if args.quick else 8))
         self.corpus_seconds = time.perf_counter() - started
         self._model = None
 
@@ -488,7 +488,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="8 images per request, max_batch 3, 2 repeats, no compile")
     parser.add_argument("--images", type=int, help="images per request (default 32; 8 with --quick)")
     parser.add_argument("--max-batch", type=int, help="images per forward (default 8; 3 with --quick)")
-    parser.add_argument("--repeats", type=int, help="timed requests per method (default 10; 2 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed requests per method (default 5; 2 with --quick)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*TorchCodec.*", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision.*")
