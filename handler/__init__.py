@@ -1,7 +1,8 @@
 """Batched image classification for TorchServe: a server-independent engine and a thin handler.
 
 Modules: ``config`` (validated settings), ``codecs`` (request formats), ``imaging`` (decode one
-image to a uint8 crop), ``preprocess`` (decode strategies), ``device_decode`` (batched JPEG decode on
-the GPU), ``engine`` (batching, device, model), ``model`` (loading), ``server_metrics`` and
-``torchserve_handler`` (the only modules that touch TorchServe).
+image to a uint8 crop), ``preprocess`` (decode strategies), ``device`` (fences, staging buffers, copies
+back to the host, lost-device verdict), ``device_decode`` (batched JPEG decode on the GPU), ``engine``
+(batching, device, model), ``model`` (loading), ``server_metrics`` and ``torchserve_handler`` (the only
+modules that touch TorchServe).
 """

@@ -1,47 +1,101 @@
 """Batched JPEG decode, resize and center crop on the model's device, with per-image routing.
 
-Only JPEGs that are safe to decode there go to the device: ``decode`` answers ``None`` for every other
+Only JPEGs that are safe to decode there go to the device: ``inspect`` answers ``None`` for every other
 payload, meaning "send this one to the CPU path" (``handler.imaging``), which then produces the right
-crop or the right ``ImageError``. Routing to the CPU is never wrong, only slower, so every doubt routes.
+crop or the right ``ImageError``. Routing to the CPU is never wrong, only slower, so every doubt routes:
+progressive, arithmetic-coded, 12-bit, multi-scan or structurally broken files, CMYK, extreme aspect
+ratios, and any decoded image that disagrees with its header or is blank.
 
-The eligible JPEGs are decoded in one batched call (nvJPEG on CUDA). A single bad image fails that
-whole call, so on failure each image is retried alone and only the failing ones are routed.
+The eligible JPEGs of a slice are decoded in one batched call: TorchCodec's ``decode_jpeg`` when it is
+installed (maintained; torchvision's decoders are deprecated since 0.29), torchvision's otherwise. A bad
+image fails that whole call, so a failed call is split in halves until the culprits are isolated.
+
+Stream ordering (CUDA): nvJPEG's hardware engine may write its outputs before work already queued on its
+stream has run (pytorch/vision#9606, torchcodec#1634), and those outputs come from PyTorch's caching
+allocator, which reuses a block as soon as it is freed on the stream that allocated it. So the decoder
+runs on a stream of its own that is drained (host-synchronized) before every call: the blocks that
+stream's pool hands out are then idle, whatever the caller's stream still has queued, and the caller's
+chunks keep running during the decode. The caller's stream then waits for the crops on the device, and
+each crop is marked as used by it, so its memory is not reused before the caller has read it.
 
 Geometry is torchvision's ``Resize(resize_size)`` (bilinear or bicubic, antialias) + ``CenterCrop(crop_size)``,
-as in ``handler.imaging``. On the CPU torchvision resizes uint8 natively; on CUDA it resizes in
-float32 and rounds back to uint8, so the two devices may differ by a level here and there.
+as in ``handler.imaging``, computed in float32 as torchvision does for uint8 on CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
+from torch.nn.functional import interpolate
 
 from handler.codecs import ImageError
-from handler.imaging import EXIF_ORIENTATION_TAG, TransformSpec, resized_size
+from handler.device import DeviceRuntime
+from handler.imaging import EXIF_ORIENTATION_TAG, TRANSPOSED_ORIENTATIONS, TransformSpec, resized_size
 
 logger = logging.getLogger(__name__)
 
 DecodeBatch = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
 
 JPEG_SOI = b"\xff\xd8\xff"
-JPEG_EOI = b"\xff\xd9"
+SEQUENTIAL_HUFFMAN_FRAMES = frozenset({0xC0, 0xC1})  # baseline and extended sequential: what nvJPEG batches
+OTHER_FRAMES = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+START_OF_SCAN, END_OF_IMAGE = 0xDA, 0xD9
 DEVICE_MODES = frozenset({"L", "RGB"})  # CMYK/YCCK and anything exotic stay on the CPU
 ORIENTATIONS = frozenset(range(1, 9))
+MAX_ASPECT_RATIO = 8  # beyond it the resized long side (and its float buffer) grows without bound
+RESIZE_BAND_BYTES = 16 * 2**20  # float32 bytes of the source rows resized at a time
 
 
-def torchvision_decode_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """One torchvision call for the whole list; grayscale comes out with 3 channels too."""
-    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+@dataclass(frozen=True)
+class JpegBackend:
+    name: str
+    decode_batch: DecodeBatch
+    upright: bool  # True when the backend applies the EXIF orientation itself (TorchCodec does)
+
+
+def torchvision_backend() -> JpegBackend:
+    """torchvision's ``decode_jpeg``: batched (one nvJPEG call) from 0.19, one image per call before."""
+    import torchvision
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    version = tuple(int(part) for part in torchvision.__version__.split("+")[0].split(".")[:2])
+
+    def decode_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        if version >= (0, 19):
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return [decode_jpeg(item, mode=ImageReadMode.RGB, device=device) for item in data]
+
+    return JpegBackend(f"torchvision {torchvision.__version__}", decode_batch, upright=False)
+
+
+def torchcodec_backend() -> JpegBackend | None:
+    """TorchCodec's ``decode_jpeg`` (0.16+), or None when it is not installed.
+
+    Not exercised by the tests here (TorchCodec is not installed); the warm-up self-check compares its
+    crops with the CPU path at start-up and turns device decoding off if they disagree.
+    """
+    try:
+        import torchcodec
+        from torchcodec.decoders import decode_jpeg
+    except Exception:  # not installed, or its native libraries (FFmpeg, CUDA) do not load here
+        return None
+
+    def decode_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        return list(decode_jpeg(data, mode="RGB", device=device))
+
+    return JpegBackend(f"torchcodec {getattr(torchcodec, '__version__', '?')}", decode_batch, upright=True)
+
+
+def default_backend() -> JpegBackend:
+    return torchcodec_backend() or torchvision_backend()
 
 
 @dataclass(frozen=True)
@@ -50,6 +104,50 @@ class JpegHeader:
     height: int
     orientation: int  # EXIF orientation 1..8 (1 when absent)
 
+    def decoded_shape(self, upright: bool) -> tuple[int, int, int]:
+        if upright and self.orientation in TRANSPOSED_ORIENTATIONS:
+            return 3, self.width, self.height
+        return 3, self.height, self.width
+
+
+def entropy_data_start(payload: bytes | bytearray) -> int | None:
+    """Where the scan data of a single-scan, 8-bit, sequential Huffman JPEG starts; None for any other layout."""
+    position, frame = 2, None
+    while position + 4 <= len(payload):
+        if payload[position] != 0xFF:
+            return None
+        marker = payload[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        length = int.from_bytes(payload[position + 2: position + 4], "big")
+        if length < 2:
+            return None
+        if marker in OTHER_FRAMES:
+            return None  # progressive, lossless, arithmetic-coded: nvJPEG's slow path or none at all
+        if marker in SEQUENTIAL_HUFFMAN_FRAMES:
+            if position + 4 >= len(payload) or payload[position + 4] != 8:
+                return None  # 12-bit samples
+            frame = marker
+        if marker == START_OF_SCAN:
+            return position + 2 + length if frame is not None else None
+        position += 2 + length
+    return None
+
+
+def scan_ends_cleanly(payload: bytes | bytearray, start: int) -> bool:
+    """True when the scan data holds only stuffed bytes and restart markers up to an end-of-image marker.
+
+    A second scan, any other marker inside the data, or a missing end (truncation) is False: such files
+    get their 400 (or their pixels) from the CPU path instead of whatever a hardware decoder makes of them.
+    """
+    data = np.frombuffer(payload, dtype=np.uint8, offset=start)
+    marks = np.flatnonzero(data[:-1] == 0xFF)
+    following = data[marks + 1]
+    allowed = (following == 0x00) | (following == 0xFF) | ((following >= 0xD0) & (following <= 0xD7))
+    markers = following[~allowed]
+    return markers.size > 0 and markers[0] == END_OF_IMAGE
+
 
 def read_header(payload: bytes | bytearray | ImageError, spec: TransformSpec) -> JpegHeader | None:
     """The header of a JPEG the device may decode, or None to route the payload to the CPU path."""
@@ -57,8 +155,9 @@ def read_header(payload: bytes | bytearray | ImageError, spec: TransformSpec) ->
         return None
     if "JPEG" not in spec.allowed_formats or not payload.startswith(JPEG_SOI):
         return None
-    if not payload[-64:].rstrip(b"\x00").endswith(JPEG_EOI):
-        return None  # truncated: how nvJPEG treats a missing tail is unspecified; PIL gives a clear 400
+    start = entropy_data_start(payload)
+    if start is None or not scan_ends_cleanly(payload, start):
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -73,6 +172,8 @@ def read_header(payload: bytes | bytearray | ImageError, spec: TransformSpec) ->
         return None
     if width < 1 or height < 1 or width * height > spec.max_image_pixels:
         return None  # the CPU path answers 400 or 413 with the numbers
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return None
     return JpegHeader(width, height, orientation)
 
 
@@ -96,58 +197,207 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def resize_and_crop(image: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
-    """(3, H, W) uint8 -> (crop, crop, 3) uint8, contiguous, on the same device."""
+    """(3, H, W) uint8 -> (crop, crop, 3) uint8, contiguous, on the same device.
+
+    Antialiased resize in two separable float32 passes, width first over bands of rows, then height: the
+    memory needed is one band plus the narrowed image (about 12 bytes per source pixel divided by the
+    scale factor: 12 MB for 12 MP to 256 px) instead of a float copy of the whole image (146 MB for 12 MP).
+    """
     height, width = image.shape[-2:]
     new_width, new_height = resized_size(width, height, spec.resize_size)
-    interpolation = InterpolationMode(spec.interpolation)
-    resized = F.resize(image, [new_height, new_width], interpolation=interpolation, antialias=True)
-    cropped = F.center_crop(resized, [spec.crop_size, spec.crop_size])
-    return cropped.permute(1, 2, 0).contiguous()
+    mode = spec.interpolation
+    rows = max(1, RESIZE_BAND_BYTES // (width * 3 * 4))
+    narrowed = torch.empty((1, 3, height, new_width), dtype=torch.float32, device=image.device)
+    for top in range(0, height, rows):
+        band = image[:, top: top + rows].unsqueeze(0).float()
+        narrowed[:, :, top: top + rows] = interpolate(
+            band, size=(band.shape[-2], new_width), mode=mode, align_corners=False, antialias=True)
+    resized = interpolate(narrowed, size=(new_height, new_width), mode=mode, align_corners=False, antialias=True)
+    top = round((new_height - spec.crop_size) / 2.0)  # torchvision's center_crop offsets
+    left = round((new_width - spec.crop_size) / 2.0)
+    crop = resized[0, :, top: top + spec.crop_size, left: left + spec.crop_size]
+    return crop.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+class _DecodeStream:
+    """The decoder's own CUDA stream (made on first use), drained before each use (see the module docstring);
+    nothing on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._stream: torch.cuda.Stream | None = None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        if self.device.type != "cuda":
+            yield
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        self._stream.synchronize()
+        with torch.cuda.stream(self._stream):
+            yield
+
+    def hand_over(self, crops: Sequence[torch.Tensor]) -> None:
+        """Make the caller's stream wait for ``crops`` on the device, and keep their memory until it has read them."""
+        if self._stream is None:
+            return
+        caller = torch.cuda.current_stream(self.device)
+        caller.wait_stream(self._stream)
+        for crop in crops:
+            crop.record_stream(caller)
+
+
+def as_byte_tensor(payload: bytes | bytearray) -> torch.Tensor:
+    """The payload's own memory as a uint8 tensor, no copy. The decoders only read it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return torch.frombuffer(payload, dtype=torch.uint8)
 
 
 class DeviceJpegDecoder:
-    """Payloads -> crops on ``device``, or None for each payload the CPU path must handle."""
+    """Payloads -> crops on ``device``, or None for each payload the CPU path must handle.
 
-    def __init__(self, spec: TransformSpec, device: torch.device, decode_batch: DecodeBatch | None = None) -> None:
+    ``inspect`` is pure host work and thread-safe: the engine runs it in its decode pool. ``decode`` runs
+    on the calling thread. A failure that leaves the device unusable raises ``DeviceLost``; every other
+    failure routes the images concerned to the CPU.
+    """
+
+    def __init__(self, spec: TransformSpec, device: torch.device, backend: JpegBackend | None = None,
+                 runtime: DeviceRuntime | None = None) -> None:
         self.spec = spec
         self.device = device
-        self._decode_batch = decode_batch or torchvision_decode_batch
+        self.backend = backend or default_backend()
+        self.runtime = runtime or DeviceRuntime(device)
+        self._stream = _DecodeStream(device)
 
-    def decode(self, payloads: Sequence[bytes | ImageError]) -> list[torch.Tensor | None]:
-        """For each payload, a (crop, crop, 3) uint8 tensor on the device, or None (route to the CPU)."""
+    def inspect(self, payload: bytes | bytearray | ImageError) -> JpegHeader | None:
+        return read_header(payload, self.spec)
+
+    def decode(self, payloads: Sequence[bytes | bytearray | ImageError],
+               headers: Sequence[JpegHeader | None] | None = None) -> list[torch.Tensor | None]:
+        """For each payload, a (crop, crop, 3) uint8 tensor on the device, or None (route to the CPU).
+
+        ``headers``: what ``inspect`` answered for each payload, when the caller has it already.
+        """
+        if headers is None:
+            headers = [self.inspect(payload) for payload in payloads]
         results: list[torch.Tensor | None] = [None] * len(payloads)
-        headers = [read_header(payload, self.spec) for payload in payloads]
         eligible = [i for i, header in enumerate(headers) if header is not None]
         if not eligible:
             return results
-        # A copy: the decoder never sees (or could write to) the caller's bytes.
-        data = [torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in eligible]  # type: ignore[arg-type]
-        for index, decoded in zip(eligible, self._decode_all(data), strict=True):
-            if decoded is not None:
-                results[index] = self._finish(decoded, headers[index])  # type: ignore[arg-type]
+        with self._stream.active():
+            data = [as_byte_tensor(payloads[i]) for i in eligible]  # type: ignore[arg-type]
+            decoded = self._decode_all(data)
+            checked = self._plausible(decoded, [headers[i] for i in eligible])  # type: ignore[misc]
+            for index, image in zip(eligible, checked, strict=True):
+                if image is not None:
+                    results[index] = self._finish(image, headers[index])  # type: ignore[arg-type]
+        self._stream.hand_over([crop for crop in results if crop is not None])
         return results
 
     def _decode_all(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Decode ``data`` in one call; if it fails, each half separately, down to single images."""
         decoded = self._call(data)
         if decoded is not None:
-            return decoded
-        logger.debug("batched JPEG decode of %d images failed; retrying one by one", len(data))
-        return [(self._call([item]) or [None])[0] for item in data]
+            return list(decoded)
+        if len(data) == 1:
+            return [None]
+        logger.debug("JPEG decode of %d images failed; splitting the batch", len(data))
+        middle = len(data) // 2
+        return self._decode_all(data[:middle]) + self._decode_all(data[middle:])
 
     def _call(self, data: list[torch.Tensor]) -> list[torch.Tensor] | None:
         try:
-            decoded = list(self._decode_batch(data, self.device))
-        except Exception:  # nvJPEG/libjpeg errors, CUDA OOM, ...: the caller retries or routes
+            decoded = list(self.backend.decode_batch(data, self.device))
+        except Exception as error:  # a bad bitstream, out of memory, ...: routed, unless the device is lost
+            self.runtime.check_after_failure(error)
             logger.debug("JPEG decode of %d images failed", len(data), exc_info=True)
             return None
         return decoded if len(decoded) == len(data) else None
 
+    def _plausible(self, decoded: list[torch.Tensor | None], headers: list[JpegHeader]) -> list[torch.Tensor | None]:
+        """Keep the images whose shape matches their header and that are not blank.
+
+        A hardware decoder has been seen to skip an image and report success; the skipped output is then
+        whatever the memory held. A blank (single-valued) image is the signature of a skip into fresh memory;
+        this one reduction per image and one host read per slice cannot recognise stale content.
+        """
+        expected = [header.decoded_shape(self.backend.upright) for header in headers]
+        shaped = [image if image is not None and image.dtype == torch.uint8 and tuple(image.shape) == shape
+                  else None for image, shape in zip(decoded, expected, strict=True)]
+        candidates = [image for image in shaped if image is not None]
+        if not candidates:
+            return shaped
+        extremes = torch.stack([torch.stack(torch.aminmax(image)) for image in candidates]).tolist()
+        blank = iter(low == high for low, high in extremes)
+        plausible = [None if image is None or next(blank) else image for image in shaped]
+        rejected = sum(before is not None and after is None for before, after in zip(decoded, plausible, strict=True))
+        if rejected:
+            logger.warning("the JPEG decoder returned %d image(s) that contradict their header or are blank; "
+                           "routing them to the CPU path", rejected)
+        return plausible
+
     def _finish(self, decoded: torch.Tensor, header: JpegHeader) -> torch.Tensor | None:
-        if decoded.dtype != torch.uint8 or tuple(decoded.shape) != (3, header.height, header.width):
-            logger.debug("decoded shape %s does not match the header; routing", tuple(decoded.shape))
-            return None
         try:
-            return resize_and_crop(apply_orientation(decoded, header.orientation), self.spec)
-        except Exception:  # e.g. out of device memory for one huge image
+            upright = decoded if self.backend.upright else apply_orientation(decoded, header.orientation)
+            return resize_and_crop(upright, self.spec)
+        except Exception as error:  # e.g. out of device memory for one huge image: routed, unless the device is lost
+            self.runtime.check_after_failure(error)
             logger.debug("device resize failed; routing to the CPU path", exc_info=True)
             return None
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> bool:
+        """Decode tiny JPEGs once per batch size (nvJPEG and hardware decoder start-up, resize kernels, lazy
+        module loading happen here, not in a request), and check the crops against the CPU path.
+
+        Returns False when they disagree (e.g. a backend that orients images differently than declared):
+        the caller should then decode everything on the CPU.
+        """
+        from handler.imaging import decode_and_transform
+
+        samples = warm_up_jpegs()
+        for size in batch_sizes:
+            payloads = [samples[i % len(samples)] for i in range(size)]
+            crops = self.decode(payloads)
+            for payload, crop in zip(payloads, crops, strict=True):
+                expected = decode_and_transform(payload, self.spec)
+                if crop is None or isinstance(expected, ImageError):
+                    logger.warning("device JPEG decode self-check: %s routed a plain JPEG", self.backend.name)
+                    return False
+                levels = (crop.cpu().float() - torch.from_numpy(expected.astype(np.float32))).abs().mean().item()
+                if levels > WARM_UP_MAX_MEAN_LEVELS:
+                    logger.warning("device JPEG decode self-check: %s differs from the CPU path by %.1f levels "
+                                   "on average", self.backend.name, levels)
+                    return False
+        return True
+
+
+# nvJPEG and libjpeg differ by a level or two per pixel (IDCT, chroma upsampling); a wrong orientation or
+# channel order on the warm-up images below costs tens of levels on average.
+WARM_UP_MAX_MEAN_LEVELS = 6.0
+
+
+def warm_up_jpegs() -> list[bytes]:
+    """Small baseline JPEGs whose every orientation error shows: a horizontal red ramp, a vertical green
+    ramp and a bright corner block, stored with EXIF orientations 1, 6, 3 and 8 (and one greyscale)."""
+    width, height = 384, 288
+    red = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, 0)
+    green = np.linspace(255, 0, height, dtype=np.float32)[:, None].repeat(width, 1)
+    pixels = np.stack([red, green, np.full_like(red, 64)], axis=-1)
+    pixels[: height // 3, : width // 3] = 250
+    image = Image.fromarray(pixels.astype(np.uint8))
+    payloads = []
+    for orientation in (1, 6, 3, 8):
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION_TAG] = orientation
+        payloads.append(_encode_jpeg(image, exif=exif.tobytes()))
+    payloads.append(_encode_jpeg(image.convert("L")))
+    return payloads
+
+
+def _encode_jpeg(image: Image.Image, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=92, **options)
+    return buffer.getvalue()
+

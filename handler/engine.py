@@ -1,13 +1,18 @@
 """The server-independent inference engine: payloads in, top-k predictions out, one per payload.
 
 Pipeline per call:
-  decode pool (uint8 crops, in order) -> reusable pinned uint8 staging buffer (NHWC)
-  -> non_blocking copy -> on-device normalize (mean/std pre-scaled by 255) -> model under
-  inference_mode, in chunks of at most max_batch -> softmax top-k.
+  decode pool (uint8 crops, in order) -> reusable pinned uint8 staging buffer (NHWC) -> one non_blocking
+  copy -> on-device normalize (mean/std pre-scaled by 255) -> model under inference_mode, in chunks of at
+  most max_batch padded to a bucket -> softmax top-k -> non_blocking copy into pinned host memory.
 
-While chunk k runs on the device, the pool keeps decoding and chunk k+1 is staged into the other
-buffer; results of chunk k are read only after k+1 is launched. Bad images become ImageError
-entries and never stop the rest.
+While chunk k runs on the device, the pool keeps decoding and chunk k+1 is staged into the other buffer;
+the results of chunk k are read after chunk k+1 is launched, by waiting on chunk k's own fence, which
+never waits for chunk k+1. A staging buffer is rewritten only after the copy that read it has completed.
+With a device decoder, the JPEGs of each max_batch slice are decoded on the GPU (their headers read in
+the pool) while the pool decodes the rest.
+
+Bad images become ImageError entries and never stop the rest; a failing chunk costs only its own images,
+unless the failure left the device unusable: then ``DeviceLost`` propagates and the process must end.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from handler.codecs import ImageError, Payload
 from handler.config import ConfigError, HandlerConfig
+from handler.device import DeviceLost, DeviceRuntime, PendingHost, StagingBuffers
 from handler.device_decode import DeviceJpegDecoder
 from handler.model import model_dtype
 from handler.preprocess import Decoded, Preprocessor, transform_spec
@@ -28,6 +34,7 @@ from handler.preprocess import Decoded, Preprocessor, transform_spec
 logger = logging.getLogger(__name__)
 
 TopK = list[tuple[int, float]]  # (class index, probability), best first
+ChunkOutputs = dict[str, torch.Tensor]  # output name -> tensor with one row per image of the chunk
 DEFAULT_CUDA_BUCKETS = (1, 8, 32)
 # Without buckets (CPU), the first forward at each new batch size builds new oneDNN kernels (~1 s for
 # ResNet-50 here); warm the small sizes that TorchServe's request batching produces, and max_batch.
@@ -35,15 +42,17 @@ CPU_WARMUP_SMALL_SIZES = 8
 
 
 def resolve_buckets(config: HandlerConfig, device: torch.device) -> tuple[int, ...]:
-    """Batch sizes the model ever sees. On CUDA, a few fixed shapes so cudnn tunes only at start-up."""
+    """Batch sizes the model ever sees. On CUDA, and whenever the model is compiled, a few fixed shapes:
+    cudnn tunes and torch.compile specializes (static shapes) only for those, at start-up."""
     if config.batch_buckets:
         return config.batch_buckets
-    if device.type != "cuda":
+    if device.type != "cuda" and not config.compile:
         return ()
     return tuple(sorted({b for b in DEFAULT_CUDA_BUCKETS if b < config.max_batch} | {config.max_batch}))
 
 
-def device_decoder_for(config: HandlerConfig, device: torch.device) -> DeviceJpegDecoder | None:
+def device_decoder_for(config: HandlerConfig, device: torch.device,
+                       runtime: DeviceRuntime | None = None) -> DeviceJpegDecoder | None:
     """The batched JPEG decoder on the model's GPU, when configured (auto: whenever the model is on CUDA).
 
     Never on the CPU: there it decodes at full size, slower than PIL's reduced-DCT decode.
@@ -52,7 +61,7 @@ def device_decoder_for(config: HandlerConfig, device: torch.device) -> DeviceJpe
         return None
     if device.type != "cuda":
         raise ConfigError("decode_device 'cuda' needs the model on CUDA; use decode_device: auto or cpu")
-    return DeviceJpegDecoder(transform_spec(config), device)
+    return DeviceJpegDecoder(transform_spec(config), device, runtime=runtime)
 
 
 def bucket_for(count: int, buckets: Sequence[int]) -> int:
@@ -75,10 +84,27 @@ class Timings:
 
 @dataclass
 class _Chunk:
-    positions: list[int]
-    host_rows: list[int]
-    device_items: list[tuple[int, torch.Tensor]]
+    """The images of one forward. Batch rows: device crops first, then host crops (from the staging buffer)."""
+
+    number: int
+    staging_index: int
     staging: torch.Tensor
+    device_positions: list[int] = field(default_factory=list)
+    device_crops: list[torch.Tensor] = field(default_factory=list)
+    host_positions: list[int] = field(default_factory=list)
+
+    @property
+    def positions(self) -> list[int]:
+        """The input position of each batch row."""
+        return self.device_positions + self.host_positions
+
+    def __len__(self) -> int:
+        return len(self.device_positions) + len(self.host_positions)
+
+
+def topk_entries(lists: dict[str, list]) -> list[TopK]:
+    return [list(zip(indices, scores, strict=True)) for scores, indices in zip(lists["scores"], lists["indices"],
+                                                                               strict=True)]
 
 
 class InferenceEngine:
@@ -89,77 +115,104 @@ class InferenceEngine:
         device: torch.device,
         preprocessor: Preprocessor | None = None,
         device_decoder: DeviceJpegDecoder | None = None,
+        runtime: DeviceRuntime | None = None,
     ) -> None:
         self.config = config
         self.model = model
         self.device = device
         self.dtype = model_dtype(config, device)
+        self.runtime = runtime or DeviceRuntime(device, config.pin_memory)
         self.preprocessor = preprocessor or Preprocessor(config)
-        self.device_decoder = device_decoder or device_decoder_for(config, device)
+        self.device_decoder = device_decoder or device_decoder_for(config, device, self.runtime)
         self.buckets = resolve_buckets(config, device)
         self.last_timings = Timings()
-        pin = device.type == "cuda" and config.pin_memory
-        shape = (config.max_batch, config.crop_size, config.crop_size, 3)
-        self._staging = [torch.empty(shape, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.staging = StagingBuffers(self.runtime, 2, (config.max_batch, config.crop_size, config.crop_size, 3))
         self._mean = torch.tensor(config.mean, device=device).mul(255).view(1, 3, 1, 1)
         self._inv_std = torch.tensor(config.std, device=device).mul(255).reciprocal().view(1, 3, 1, 1)
         if device.type == "cuda" and self.buckets:
             torch.backends.cudnn.benchmark = True
 
     def warm_up(self) -> list[int]:
-        """Run the model once per batch size it will see often, so no kernel set-up happens in a request."""
+        """Run the model once per batch size it will see often, and the device decoder once per bucket, so
+        no kernel set-up, compilation or decoder start-up happens in a request."""
         small = range(1, min(CPU_WARMUP_SMALL_SIZES, self.config.max_batch) + 1)
         sizes = list(self.buckets) or sorted({*small, self.config.max_batch})
-        for size in sizes:
-            staging = torch.zeros((size, self.config.crop_size, self.config.crop_size, 3), dtype=torch.uint8)
-            self._forward(staging.to(self.device), size, self.config.topk)
+        crop = self.config.crop_size
+        with torch.inference_mode():
+            for size in sizes:
+                self._forward(torch.zeros((size, crop, crop, 3), dtype=torch.uint8, device=self.device), size,
+                              self.config.topk)
+        if self.device_decoder is not None and not self.device_decoder.warm_up(sizes):
+            logger.warning("device JPEG decoding (%s) failed its start-up check; every image is decoded on the CPU",
+                           self.device_decoder.backend.name)
+            self.device_decoder = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return sizes
 
     def predict(self, payloads: Sequence[Payload], topk: int | None = None) -> list[TopK | ImageError]:
-        """One result per payload, in order: its top-k, or the ImageError that explains its failure."""
+        """One result per payload, in order: its top-k, or the ImageError that explains its failure.
+
+        Raises DeviceLost when a failure left the device unusable.
+        """
         topk = topk or self.config.topk
         timings = Timings(images=len(payloads))
         results: list[TopK | ImageError | None] = [None] * len(payloads)
-        pending: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
-        with torch.inference_mode():
-            for chunk in self._chunks(self._decoded(payloads), results, timings):
-                started = time.perf_counter()
-                launched = self._guarded(self._launch, chunk.positions, results, chunk, topk)
-                if pending is not None:
-                    self._guarded(self._collect, pending[0], results, pending, results)
-                pending = None if launched is None else (chunk.positions, *launched)
-                timings.inference += time.perf_counter() - started
-            if pending is not None:
-                started = time.perf_counter()
-                self._guarded(self._collect, pending[0], results, pending, results)
-                timings.inference += time.perf_counter() - started
+        try:
+            with torch.inference_mode():
+                self._run(payloads, topk, results, timings)
+        except DeviceLost:
+            raise
+        except Exception as error:  # a device error can surface anywhere (a stream sync, an event): judge it too
+            self.runtime.check_after_failure(error)
+            raise
         for result in results:
             if isinstance(result, ImageError):
                 timings.rejected[result.status] = timings.rejected.get(result.status, 0) + 1
         self.last_timings = timings
         return results  # type: ignore[return-value]
 
+    def _run(self, payloads: Sequence[Payload], topk: int, results: list, timings: Timings) -> None:
+        """Launch chunk k, then collect chunk k-1: its results are read while chunk k runs."""
+        pending: tuple[_Chunk, PendingHost] | None = None
+        for chunk in self._chunks(self._decoded(payloads), results, timings):
+            started = time.perf_counter()
+            launched = self._guarded(self._launch, chunk, results, chunk, topk)
+            if pending is not None:
+                self._guarded(self._collect, pending[0], results, *pending, results)
+            pending = None if launched is None else (chunk, launched)
+            timings.inference += time.perf_counter() - started
+        if pending is not None:
+            started = time.perf_counter()
+            self._guarded(self._collect, pending[0], results, *pending, results)
+            timings.inference += time.perf_counter() - started
+
     def _decoded(self, payloads: Sequence[Payload]) -> Iterator[Decoded | torch.Tensor]:
-        """Crops in input order. With a device decoder, JPEGs are decoded there one max_batch slice at a
-        time (lazily, so slice k+1 is decoded after chunk k was launched); the rest go to the pool."""
+        """Crops in input order. With a device decoder, one max_batch slice at a time (lazily, so slice k+1
+        is decoded after chunk k was launched): headers are read in the pool, the payloads the decoder will
+        not take are submitted to the pool at once, the JPEGs are decoded on the device meanwhile, and any
+        it routes back join the pool's queue."""
         if self.device_decoder is None:
             yield from self.preprocessor.map(payloads)
             return
         for start in range(0, len(payloads), self.config.max_batch):
             part = payloads[start: start + self.config.max_batch]
-            on_device = self.device_decoder.decode(part)
-            routed = self.preprocessor.map([p for p, crop in zip(part, on_device, strict=True) if crop is None])
-            for crop in on_device:
-                yield crop if crop is not None else next(routed)
+            headers = self.preprocessor.call_each(self.device_decoder.inspect, part)
+            on_cpu = self.preprocessor.map([p for p, header in zip(part, headers, strict=True) if header is None])
+            on_device = self.device_decoder.decode(part, headers)
+            routed = self.preprocessor.map([p for p, header, crop in zip(part, headers, on_device, strict=True)
+                                            if header is not None and crop is None])
+            for header, crop in zip(headers, on_device, strict=True):
+                if crop is not None:
+                    yield crop
+                else:
+                    yield next(on_cpu if header is None else routed)
 
     def _chunks(
         self, decoded: Iterable[Decoded | torch.Tensor], results: list, timings: Timings
     ) -> Iterator[_Chunk]:
-        """Group good crops into chunks of at most max_batch, alternating the two staging buffers."""
-        buffer_index = 0
-        chunk = self._new_chunk(buffer_index)
+        """Group good crops into chunks of at most max_batch; host crops are written into a staging buffer."""
+        chunk = self._new_chunk(0)
         iterator = iter(decoded)
         position = 0
         while True:
@@ -170,39 +223,46 @@ class InferenceEngine:
                 break
             if isinstance(item, ImageError):
                 results[position] = item
+            elif isinstance(item, torch.Tensor):  # decoded on the device
+                chunk.device_positions.append(position)
+                chunk.device_crops.append(item)
             else:
-                row = len(chunk.positions)
-                chunk.positions.append(position)
-                if isinstance(item, torch.Tensor) and item.device.type != "cpu":
-                    chunk.device_items.append((row, item))
-                else:
-                    chunk.staging[len(chunk.host_rows)].numpy()[...] = item
-                    chunk.host_rows.append(row)
-                if len(chunk.positions) == self.config.max_batch:
-                    yield chunk
-                    buffer_index ^= 1
-                    chunk = self._new_chunk(buffer_index)
+                chunk.staging[len(chunk.host_positions)].numpy()[...] = item
+                chunk.host_positions.append(position)
+            if len(chunk) == self.config.max_batch:
+                yield chunk
+                chunk = self._new_chunk(chunk.number + 1)
             position += 1
-        if chunk.positions:
+        if len(chunk):
             yield chunk
 
-    def _new_chunk(self, buffer_index: int) -> _Chunk:
-        return _Chunk(positions=[], host_rows=[], device_items=[], staging=self._staging[buffer_index])
+    def _new_chunk(self, number: int) -> _Chunk:
+        index, staging = self.staging.take()  # waits until the copy that last read this buffer completed
+        return _Chunk(number=number, staging_index=index, staging=staging)
 
-    def _launch(self, chunk: _Chunk, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        count = len(chunk.positions)
+    def _launch(self, chunk: _Chunk, topk: int) -> PendingHost:
+        outputs = self._forward(self._assemble(chunk), len(chunk), topk)
+        return self.runtime.to_host(outputs, f"results[{chunk.number}]")
+
+    def _assemble(self, chunk: _Chunk) -> torch.Tensor:
+        """The chunk as one uint8 NHWC batch on the device, padded to its bucket: one stack of the device
+        crops, one non_blocking copy of the host crops, no per-row copies and no pageable transfers."""
+        count, on_device = len(chunk), len(chunk.device_crops)
         bucket = bucket_for(count, self.buckets)
-        host = chunk.staging[: len(chunk.host_rows)]
-        if not chunk.device_items and bucket == count:
+        host = chunk.staging[: len(chunk.host_positions)]
+        if not chunk.device_crops and bucket == count:
             batch = host.to(self.device, non_blocking=True)
         else:
-            batch = torch.zeros((bucket, *host.shape[1:]), dtype=torch.uint8, device=self.device)
-            if chunk.host_rows:
-                rows = torch.tensor(chunk.host_rows, device=self.device)
-                batch.index_copy_(0, rows, host.to(self.device, non_blocking=True))
-            for row, item in chunk.device_items:
-                batch[row].copy_(item)
-        return self._forward(batch, count, topk)
+            batch = torch.empty((bucket, *chunk.staging.shape[1:]), dtype=torch.uint8, device=self.device)
+            if chunk.device_crops:
+                torch.stack(chunk.device_crops, out=batch[:on_device])
+            if chunk.host_positions:
+                batch[on_device:count].copy_(host, non_blocking=True)
+            if bucket > count:
+                batch[count:].zero_()
+        if chunk.host_positions:
+            self.staging.sent(chunk.staging_index)
+        return batch
 
     def normalize(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC on the device -> normalized NCHW in the model's dtype (input left untouched)."""
@@ -212,30 +272,30 @@ class InferenceEngine:
             images = images.contiguous()
         return images.to(self.dtype)
 
-    def _forward(self, batch_nhwc: torch.Tensor, count: int, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, batch_nhwc: torch.Tensor, count: int, topk: int) -> ChunkOutputs:
         images = self.normalize(batch_nhwc)
         with torch.inference_mode():
             logits = self.model(images)
         probabilities = torch.softmax(logits[:count].float(), dim=1)
-        return torch.topk(probabilities, topk, dim=1)
+        scores, indices = torch.topk(probabilities, topk, dim=1)
+        return {"scores": scores, "indices": indices}
 
-    @staticmethod
-    def _guarded(step, positions: list[int], results: list, *args):
-        """Run one device step; if it fails, only that chunk's images get a 500, the rest go on."""
+    def _guarded(self, step, chunk: _Chunk, results: list, *args):
+        """Run one device step; if it fails, only that chunk's images get a 500 and the rest go on, unless
+        the device is lost (DeviceLost propagates)."""
         try:
             return step(*args)
-        except Exception:  # any model/device failure: contain it to this chunk
-            logger.exception("inference failed for a chunk of %d images", len(positions))
-            for position in positions:
+        except Exception as error:  # any model/device failure: contained to this chunk if the device survived
+            self.runtime.check_after_failure(error)
+            logger.exception("inference failed for a chunk of %d images", len(chunk))
+            for position in chunk.positions:
                 results[position] = ImageError(500, "inference failed for this image; see the server log")
             return None
 
     @staticmethod
-    def _collect(pending: tuple[list[int], torch.Tensor, torch.Tensor], results: list) -> None:
-        positions, scores, indices = pending
-        rows = zip(positions, scores.cpu().tolist(), indices.cpu().tolist(), strict=True)
-        for position, row_scores, row_indices in rows:
-            results[position] = list(zip(row_indices, row_scores, strict=True))
+    def _collect(chunk: _Chunk, pending: PendingHost, results: list) -> None:
+        for position, entry in zip(chunk.positions, topk_entries(pending.lists()), strict=True):
+            results[position] = entry
 
     def close(self) -> None:
         self.preprocessor.close()

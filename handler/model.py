@@ -118,11 +118,15 @@ def check_weights_fit(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
 
 
 def compile_or_eager(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """torch.compile when asked and available; the eager model otherwise (never fails start-up)."""
+    """torch.compile when asked and available; the eager model otherwise (never fails start-up).
+
+    Static shapes: one graph per batch bucket, each compiled at warm-up. By default the second batch size
+    would recompile the model for dynamic shapes, slower to build and to run.
+    """
     if not enabled:
         return model
     try:
-        return torch.compile(model)
+        return torch.compile(model, dynamic=False)
     except Exception:  # compile support varies by platform and version: eager still serves
         logger.warning("torch.compile is unavailable; serving the eager model", exc_info=True)
         return model

@@ -11,8 +11,9 @@ All three run the same per-image function, so they produce identical crops.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from handler.config import HandlerConfig
 from handler.imaging import TransformSpec, decode_and_transform
 
 Decoded = np.ndarray | ImageError
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def transform_spec(config: HandlerConfig) -> TransformSpec:
@@ -55,16 +58,23 @@ class Preprocessor:
             self._pool = ThreadPoolExecutor(max_workers=config.pool_size, thread_name_prefix="decode")
 
     def map(self, payloads: Sequence[Payload]) -> Iterator[Decoded]:
-        """Yield one result per payload, in input order, as soon as each is ready."""
+        """One result per payload, in input order, each as soon as it is ready.
+
+        With the thread pool every payload is submitted by this call, before the first result is asked for,
+        so the pool decodes while the caller does something else.
+        """
         if self._pool is not None:
             futures = [self._pool.submit(_decode_one, payload, self.spec) for payload in payloads]
-            for future in futures:
-                yield future.result()
-        elif self.strategy == "dataloader":
-            yield from self._map_with_dataloader(payloads)
-        else:
-            for payload in payloads:
-                yield _decode_one(payload, self.spec)
+            return (future.result() for future in futures)
+        if self.strategy == "dataloader":
+            return self._map_with_dataloader(payloads)
+        return (_decode_one(payload, self.spec) for payload in payloads)
+
+    def call_each(self, function: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``function`` applied to every item, on the pool's threads when there is a pool."""
+        if self._pool is not None:
+            return list(self._pool.map(function, items))
+        return [function(item) for item in items]
 
     def _map_with_dataloader(self, payloads: Sequence[Payload]) -> Iterator[Decoded]:
         config = self._config

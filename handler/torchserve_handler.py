@@ -27,6 +27,7 @@ from handler.codecs import (
     parse_request,
 )
 from handler.config import HandlerConfig
+from handler.device import DeviceLost, end_process
 from handler.engine import InferenceEngine, Timings, TopK
 from handler.model import (
     LABELS_FILE,
@@ -168,6 +169,10 @@ class ImageBatchHandler(BaseHandler):
             return []
         try:
             return self.engine.predict(payloads, topk)
+        except DeviceLost:  # every later batch would fail too, and TorchServe restarts only a worker that exits
+            logger.critical("the GPU is unusable after a CUDA error; ending this worker so that TorchServe "
+                            "starts a fresh one", exc_info=True)
+            end_process()
         except Exception:  # the engine contains model failures per chunk; anything else is a bug of ours
             logger.exception("the engine failed on a batch of %d images", len(payloads))
             return [ImageError(500, "inference failed for this image; see the server log")] * len(payloads)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
-import io
 import os
 import pstats
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import matplotlib
 import torch
+from baselines import recipe_batch, stock_batch
 from bench_common import (
     DEFAULT_OUT,
     SET_TITLES,
@@ -49,15 +49,12 @@ from bench_common import (
     time_call,
     write_json,
 )
-from PIL import Image
-from reference import reference_tensor, reference_transform
-from torch.utils.data import DataLoader, Dataset
+from reference import reference_tensor
 from tqdm import tqdm
 
 from handler.codecs import ImageError
 from handler.config import HandlerConfig
 from handler.engine import InferenceEngine
-from handler.imaging import to_rgb
 from handler.preprocess import Preprocessor
 
 # Targets from the issue: ours / stock preprocessing throughput on a 2-core CPU.
@@ -78,45 +75,6 @@ class Method:
             return f"ours ({self.param} threads)"
         threads = self.param or torch.get_num_threads()
         return f"stock (sequential PIL + float, {threads} torch threads)"
-
-
-def stock_batch(images: Sequence[bytes], device: torch.device, torch_threads: int = 0) -> torch.Tensor:
-    """What the stock VisionHandler.preprocess does, plus its .to(device).
-
-    TorchServe leaves torch at its default thread count; on a busy 2-core machine the float ops of
-    small images can run faster on one thread, so that variant is timed too and the better one counts.
-    """
-    previous = torch.get_num_threads()
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    try:
-        transform = reference_transform()
-        tensors = [transform(Image.open(io.BytesIO(payload))) for payload in images]
-        return torch.stack(tensors).to(device)
-    finally:
-        torch.set_num_threads(previous)
-
-
-class RecipeDataset(Dataset):
-    """The usual recipe's dataset: decode, convert to RGB, float transform, one image per item."""
-
-    def __init__(self, images: Sequence[bytes]) -> None:
-        self.images = images
-        self.transform = reference_transform()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(to_rgb(Image.open(io.BytesIO(self.images[index]))))
-
-
-def recipe_batch(images: Sequence[bytes], device: torch.device, workers: int) -> torch.Tensor:
-    """A DataLoader per request, as commonly written: its workers start (and stop) on every call."""
-    loader = DataLoader(RecipeDataset(images), batch_size=len(images), num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    batches = [batch.to(device, non_blocking=True) for batch in loader]
-    return batches[0]
 
 
 class OursRunner:

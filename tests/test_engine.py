@@ -1,5 +1,7 @@
-"""The engine without a server: batching, strategies, ordering, errors, buckets."""
+"""The engine without a server: batching, strategies, ordering, errors, buckets, and the ordering of its device
+work (fences logged in order by a simulated device), sticky-error handling, compile with static shapes."""
 
+import io
 import threading
 import time
 
@@ -7,13 +9,18 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEMO_PREPROCESSING, make_config
+from PIL import Image
 from reference import reference_probabilities, timm_transform
+from simulated_device import RecordingFence, SimulatedRuntime, out_of_memory, sticky_error
+from torch._dynamo.utils import counters
 
-from handler import preprocess
+from handler import device_decode, preprocess
 from handler.codecs import ImageError
 from handler.config import ConfigError
-from handler.device_decode import DeviceJpegDecoder
+from handler.device import DeviceLost
+from handler.device_decode import DeviceJpegDecoder, JpegBackend, torchvision_backend
 from handler.engine import InferenceEngine, bucket_for, device_decoder_for, resolve_buckets
+from handler.model import compile_or_eager
 from handler.preprocess import Preprocessor, transform_spec
 
 
@@ -144,6 +151,7 @@ def test_normalize_is_channels_last_and_matches_float_math(small_model, mean, st
 def test_buckets():
     config = make_config(max_batch=64)
     assert resolve_buckets(config, torch.device("cpu")) == ()
+    assert resolve_buckets(make_config(max_batch=64, compile=True), torch.device("cpu")) == (1, 8, 32, 64)
     assert resolve_buckets(config, torch.device("cuda", 0)) == (1, 8, 32, 64)
     assert resolve_buckets(make_config(max_batch=8), torch.device("cuda", 0)) == (1, 8)
     assert resolve_buckets(make_config(max_batch=8, batch_buckets=(2, 8)), torch.device("cpu")) == (2, 8)
@@ -222,25 +230,6 @@ def test_requests_only_reuse_shapes_seen_at_warm_up(small_model, imagenet_photos
     engine.close()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_no_new_shapes_and_cudnn_benchmark_on(imagenet_photos):
-    import torchvision
-
-    model = torchvision.models.resnet18(num_classes=1000).eval().cuda().to(memory_format=torch.channels_last)
-    engine = InferenceEngine(make_config(max_batch=32), model, torch.device("cuda", 0))
-    shapes, handle = recorded_input_shapes(model)
-    assert engine.warm_up() == [1, 8, 32]
-    warmed = set(shapes)
-    shapes.clear()
-    assert torch.backends.cudnn.benchmark
-    for count in (1, 5, 9, 31, 40):
-        engine.predict(imagenet_photos[:count])
-    handle.remove()
-    assert set(shapes) <= warmed
-    engine.close()
-
-
 def test_cpu_warm_up_covers_small_batches_and_max_batch(small_model):
     engine = engine_for(small_model, max_batch=16)
     shapes, handle = recorded_input_shapes(small_model)
@@ -275,3 +264,201 @@ def test_the_pool_decodes_as_many_images_at_once_as_it_has_threads(imagenet_phot
     inline = Preprocessor(make_config(decode_strategy="inline"))
     for crop, expected in zip(crops, inline.map(photos), strict=True):
         np.testing.assert_array_equal(crop, expected)
+
+
+# --- Ordering of device work, checked with fences that log in order (tests/simulated_device.py) -------------
+
+
+class LoggingPreprocessor(Preprocessor):
+    """The real pool, logging ("crop", i) as crop i reaches the engine (which writes it into staging at once)."""
+
+    def __init__(self, config, log):
+        super().__init__(config)
+        self.log = log
+
+    def map(self, payloads):
+        for index, item in enumerate(super().map(payloads)):
+            self.log.append(("crop", index))
+            yield item
+
+
+def logged_engine(model, log, **overrides):
+    config = make_config(**overrides)
+    return InferenceEngine(config, model, torch.device("cpu"), preprocessor=LoggingPreprocessor(config, log),
+                           runtime=SimulatedRuntime(log))
+
+
+def test_a_staging_buffer_is_rewritten_only_after_the_copy_that_read_it_completed(small_model, imagenet_photos):
+    log = []
+    engine = logged_engine(small_model, log, max_batch=2)  # chunks: crops 0-1 in buffer 0, 2-3 in 1, 4-5 in 0
+    engine.predict(imagenet_photos[:6])
+    reused_at = log.index(("crop", 4))
+    sent_at = max(i for i, entry in enumerate(log[:reused_at]) if entry == ("record", "staging[0]"))
+    assert ("wait", "staging[0]") in log[sent_at:reused_at]
+    engine.close()
+
+
+def test_results_are_read_by_waiting_on_their_own_chunk_not_on_the_next(small_model, imagenet_photos):
+    log = []
+    engine = logged_engine(small_model, log, max_batch=2)
+    small_model_hook = small_model.register_forward_pre_hook(lambda module, args: log.append(("forward",)))
+    results = engine.predict(imagenet_photos[:6])
+    small_model_hook.remove()
+    forwards = [i for i, entry in enumerate(log) if entry == ("forward",)]
+    for chunk in (0, 1):
+        recorded, waited = log.index(("record", f"results[{chunk}]")), log.index(("wait", f"results[{chunk}]"))
+        assert recorded < forwards[chunk + 1] < waited  # chunk k+1 was launched first; its fence came later
+    assert all(isinstance(result, list) and len(result) == 5 for result in results)
+    engine.close()
+
+
+def test_a_sticky_device_error_raises_device_lost(small_model, imagenet_photos):
+    def faulting_model(images):
+        raise sticky_error()
+
+    engine = InferenceEngine(make_config(), faulting_model, torch.device("cpu"), runtime=SimulatedRuntime(lost=True))
+    with pytest.raises(DeviceLost):
+        engine.predict(imagenet_photos[:3])
+    engine.close()
+
+
+class FailsOnItsSecondWait(RecordingFence):
+    def wait(self):
+        super().wait()
+        if self.log.count(("wait", self.name)) == 2:
+            raise sticky_error()
+
+
+class ErrorSurfacingAtAStagingWait(SimulatedRuntime):
+    """A sticky error reported by the next CUDA call, here the event wait before staging buffer 0 is reused."""
+
+    def fence(self, name):
+        return FailsOnItsSecondWait(name, self.log) if name == "staging[0]" else super().fence(name)
+
+
+@pytest.mark.parametrize("lost", [True, False])
+def test_an_error_outside_the_model_steps_is_judged_too(small_model, imagenet_photos, lost):
+    runtime = ErrorSurfacingAtAStagingWait(lost=lost)
+    engine = InferenceEngine(make_config(max_batch=2), small_model, torch.device("cpu"), runtime=runtime)
+    with pytest.raises(DeviceLost if lost else RuntimeError) as raised:
+        engine.predict(imagenet_photos[:6])
+    assert isinstance(raised.value, DeviceLost) == lost  # not lost: the handler answers 500, the worker lives
+    engine.close()
+
+
+@pytest.mark.parametrize(("error", "lost", "probed"), [(out_of_memory, True, False), (sticky_error, False, True)])
+def test_failures_the_device_survives_cost_only_their_chunk(small_model, imagenet_photos, error, lost, probed):
+    """Out of memory is contained without asking the device; anything else only if the device still works."""
+    calls = []
+
+    def fails_on_the_second_chunk(images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise error()
+        return small_model(images)
+
+    runtime = SimulatedRuntime(lost=lost)
+    engine = InferenceEngine(make_config(max_batch=2), fails_on_the_second_chunk, torch.device("cpu"),
+                             runtime=runtime)
+    results = engine.predict(imagenet_photos[:5])
+    assert [isinstance(result, ImageError) and result.status == 500 for result in results] == [
+        False, False, True, True, False]
+    assert (("probe",) in runtime.log) == probed
+    engine.close()
+
+
+def test_a_chunk_lays_out_device_crops_first_then_host_crops(small_model, imagenet_photos, mixed_images):
+    """One stack of device crops, one copy of host crops; the rows map back to the right inputs."""
+    payloads = [mixed_images["photo.png"], imagenet_photos[0], mixed_images["photo.webp"], imagenet_photos[1]]
+    config = make_config(max_batch=4, batch_buckets=(8,))
+    decoder = DeviceJpegDecoder(transform_spec(config), torch.device("cpu"))
+    engine = InferenceEngine(config, small_model, torch.device("cpu"), device_decoder=decoder)
+    inputs = []
+    hook = small_model.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    results = engine.predict(payloads)
+    hook.remove()
+    device_crops = decoder.decode([imagenet_photos[0], imagenet_photos[1]])
+    cpu_path = Preprocessor(config)
+    host_crops = [torch.from_numpy(np.array(crop)) for crop in cpu_path.map([payloads[0], payloads[2]])]
+    cpu_path.close()
+    expected = engine.normalize(torch.stack([*device_crops, *host_crops, *[torch.zeros_like(host_crops[0])] * 4]))
+    torch.testing.assert_close(inputs[0], expected)
+    pool_only = engine_for(small_model, max_batch=4)
+    assert_same_predictions(results, pool_only.predict(payloads), tolerance=5e-3)
+    engine.close()
+    pool_only.close()
+
+
+def test_device_path_reads_headers_in_the_decode_pool(small_model, imagenet_photos, monkeypatch):
+    threads = []
+    real = device_decode.read_header
+    monkeypatch.setattr(device_decode, "read_header",
+                        lambda payload, spec: threads.append(threading.current_thread().name) or real(payload, spec))
+    config = make_config(max_batch=4)
+    engine = InferenceEngine(config, small_model, torch.device("cpu"),
+                             device_decoder=DeviceJpegDecoder(transform_spec(config), torch.device("cpu")))
+    engine.predict(imagenet_photos[:6])
+    assert len(threads) == 6 and all(name.startswith("decode") for name in threads)
+    engine.close()
+
+
+def test_progressive_jpegs_are_classified_through_the_cpu_path(small_model, imagenet_photos):
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(imagenet_photos[0])).save(buffer, "JPEG", quality=90, progressive=True)
+    payloads = [buffer.getvalue(), imagenet_photos[1]]
+    config = make_config(max_batch=4)
+    decoded = []
+
+    def recording(data, device):
+        decoded.append(len(data))
+        return torchvision_backend().decode_batch(data, device)
+
+    decoder = DeviceJpegDecoder(transform_spec(config), torch.device("cpu"), JpegBackend("recording", recording, False))
+    engine = InferenceEngine(config, small_model, torch.device("cpu"), device_decoder=decoder)
+    pool_only = engine_for(small_model, max_batch=4)
+    assert_same_predictions(engine.predict(payloads), pool_only.predict(payloads), tolerance=5e-3)
+    assert decoded == [1]  # only the baseline JPEG went to the device decoder
+    engine.close()
+    pool_only.close()
+
+
+def test_warm_up_runs_the_device_decoder_per_bucket_and_drops_it_if_its_self_check_fails(small_model):
+    config = make_config(max_batch=4, batch_buckets=(1, 4))
+    sizes = []
+
+    def recording(data, device):
+        sizes.append(len(data))
+        return torchvision_backend().decode_batch(data, device)
+
+    good = DeviceJpegDecoder(transform_spec(config), torch.device("cpu"), JpegBackend("recording", recording, False))
+    engine = InferenceEngine(config, small_model, torch.device("cpu"), device_decoder=good)
+    assert engine.warm_up() == [1, 4]
+    assert sizes == [1, 4] and engine.device_decoder is good
+
+    def swaps_channels(data, device):
+        return [image.flip(0) for image in torchvision_backend().decode_batch(data, device)]
+
+    bad = DeviceJpegDecoder(transform_spec(config), torch.device("cpu"), JpegBackend("bgr", swaps_channels, False))
+    engine = InferenceEngine(config, small_model, torch.device("cpu"), device_decoder=bad)
+    engine.warm_up()
+    assert engine.device_decoder is None
+    engine.close()
+
+
+def test_a_compiled_model_gets_one_static_graph_per_bucket_and_requests_compile_nothing(imagenet_photos):
+    torch.manual_seed(0)
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 7, stride=8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(4, 1000)).eval()
+    model = compile_or_eager(tiny, enabled=True)
+    engine = engine_for(model, compile=True, max_batch=4)
+    graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
+    before = graphs()
+    assert engine.warm_up() == [1, 4]
+    assert graphs() - before == 2
+    for count in (1, 2, 3, 5):
+        engine.predict(imagenet_photos[:count])
+    assert graphs() - before == 2
+    with torch.inference_mode():
+        model(engine.normalize(torch.zeros((2, 224, 224, 3), dtype=torch.uint8)))  # as the engine calls it
+    assert graphs() - before == 3  # an unseen size is a new static graph, not a recompile for dynamic shapes
+    engine.close()

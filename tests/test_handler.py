@@ -3,7 +3,11 @@
 import base64
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +15,40 @@ import torchvision
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
+from handler.device import DEVICE_LOST_EXIT_CODE
 from handler.model import BUILD_INFO_FILE, LABELS_FILE
 from handler.torchserve_handler import ImageBatchHandler
 
 METRICS_YAML = str(__import__("ts").__path__[0]) + "/configs/metrics.yaml"
+REPO = Path(__file__).resolve().parent.parent
+
+# A worker process whose model hits a simulated sticky CUDA error (the device's health probe then fails too).
+LOST_DEVICE_WORKER = """
+import sys
+from pathlib import Path
+
+from simulated_device import SimulatedRuntime, sticky_error
+from test_handler import make_context
+from ts.context import RequestProcessor
+
+from handler.torchserve_handler import ImageBatchHandler
+
+model_dir, photo = sys.argv[1], Path(sys.argv[2]).read_bytes()
+handler = ImageBatchHandler()
+handler.initialize(make_context(model_dir, 1))
+
+
+def faulting_model(images):
+    raise sticky_error()
+
+
+handler.engine.model = faulting_model
+handler.engine.runtime = SimulatedRuntime(lost=True)
+context = make_context(model_dir, 1)
+context.request_processor = [RequestProcessor({})]
+handler.handle([{"body": bytearray(photo)}], context)
+print("handle returned")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +257,16 @@ def test_an_engine_bug_answers_every_image_with_500_instead_of_failing_the_batch
     responses, statuses, _ = run_batch(handler, model_dir, rows)
     assert statuses == [400, 200]
     assert [entry["error"]["status"] for entry in responses[1]] == [500, 500]
+
+
+def test_a_lost_device_ends_the_worker_process_after_logging(model_dir, imagenet_photos, tmp_path):
+    """Every later batch would fail on a poisoned CUDA context, and TorchServe restarts only a worker that exits."""
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(imagenet_photos[0])
+    path = os.pathsep.join(str(folder) for folder in (REPO, REPO / "tests", REPO / "scripts"))
+    worker = subprocess.run([sys.executable, "-c", LOST_DEVICE_WORKER, str(model_dir), str(photo)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=300)
+    assert worker.returncode == DEVICE_LOST_EXIT_CODE, worker.stderr[-3000:]
+    assert "ending this worker so that TorchServe starts a fresh one" in worker.stderr
+    assert "illegal memory access" in worker.stderr  # the original error is logged with it
+    assert "handle returned" not in worker.stdout
