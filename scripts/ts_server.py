@@ -45,6 +45,7 @@ class TorchServe:
         self.tmpdir = self.workdir / "tmp"
         self.tmpdir.mkdir()
         self.ports = {key: free_port() for key in PORT_KEYS}
+        self.grpc_ports = {"grpc_inference_port": free_port(), "grpc_management_port": free_port()}
         self.keys: dict[str, str] = {}
         self.frontend: psutil.Process | None = None
 
@@ -55,6 +56,10 @@ class TorchServe:
     @property
     def management_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['management_address']}"
+
+    @property
+    def grpc_inference_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_ports['grpc_inference_port']}"
 
     @property
     def metrics_url(self) -> str:
@@ -73,8 +78,7 @@ class TorchServe:
             settings[key] = f"http://127.0.0.1:{port}"
         settings["model_store"] = str(self.model_store)
         settings["load_models"] = ",".join(self.models)
-        settings["grpc_inference_port"] = str(free_port())
-        settings["grpc_management_port"] = str(free_port())
+        settings.update({key: str(port) for key, port in self.grpc_ports.items()})
         settings["initial_worker_port"] = str(random.randint(20000, 40000))
         settings.update(self.extra_config)
         path = self.workdir / "config.properties"

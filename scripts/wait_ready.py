@@ -11,14 +11,14 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from client import read_keys
+from ts_client import DEFAULT_MODEL, ClientError, read_keys
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:8080")
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--key-file", type=Path, default=Path("key_file.json"))
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--key-file", type=Path, help="default: ./key_file.json, else the repo root's")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--sample", type=Path, help="an image to send once the model is up")
     parser.add_argument("--quiet", action="store_true")
@@ -38,7 +38,7 @@ def main() -> int:
             if response.ok:
                 break
             last_problem = f"HTTP {response.status_code}: {response.text[:200]}"
-        except (OSError, KeyError, ValueError) as problem:
+        except (OSError, KeyError, ValueError, ClientError) as problem:
             last_problem = str(problem)
         time.sleep(1)
     else:

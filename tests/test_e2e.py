@@ -11,10 +11,10 @@ import pytest
 import requests
 import torch
 import yaml
-from client import classify, classify_one_per_request
 from conftest import REPO, keep_logs_if_failed
 from reference import reference_tensor
 from traffic import Traffic, scale_out_and_back
+from ts_client import classify, classify_one_per_request
 from ts_server import TorchServe
 
 from handler.config import HandlerConfig
