@@ -121,8 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path, entry in zip(files, entries, strict=True):
         print(json.dumps({"file": str(path), **entry}) if args.jsonl else readable(path, entry))
     failed = sum("error" in entry for entry in entries)
-    print(f"{len(files)} images: {len(files) - failed} classified, {failed} with an error "
-          f"({time.monotonic() - started:.1f} s)", file=sys.stderr)
+    images = f"{len(files)} image{'s' if len(files) != 1 else ''}"
+    print(f"{images}: {len(files) - failed} classified, {failed} with an error ({time.monotonic() - started:.1f} s)",
+          file=sys.stderr)
     return 0
 
 
