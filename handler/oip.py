@@ -99,7 +99,7 @@ def json_end(data: bytes | bytearray | memoryview, max_depth: int) -> int:
             break
         depth += 1 if bracket in (b"[", b"{") else -1
         if depth > max_depth:
-            raise OipError(f"the JSON header is nested deeper than {max_depth} levels; a request needs at most 5")
+            raise OipError(f"the JSON body is nested deeper than {max_depth} levels; a request body needs at most 5")
         if depth <= 0:
             return match.end()
         if count > MAX_HEADER_BRACKETS:

@@ -91,6 +91,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"no such file or directory: {', '.join(missing)}")
     if min(args.max_images, args.max_bytes, args.concurrency) < 1 or (args.topk is not None and args.topk < 1):
         parser.error("--max-images, --max-bytes, --concurrency and --topk must be at least 1")
+    if args.topk is not None and args.transport == "raw":
+        parser.error("--topk cannot travel with raw bodies (--one-per-request); choose another --transport")
     return args
 
 

@@ -102,6 +102,8 @@ class Client:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {transport!r}")
         if min(max_images, max_bytes, concurrency) < 1:
             raise ValueError("max_images, max_bytes and concurrency must be at least 1")
+        if topk is not None and transport == "raw":
+            raise ValueError("topk cannot travel with a raw body; choose another transport")
         self.url = url.rstrip("/")
         self.model = model
         self.transport = transport
@@ -130,8 +132,8 @@ class Client:
                 progress(len(payloads))
             return entries
 
-        if len(chunks) == 1:
-            return send(chunks[0])
+        if len(chunks) <= 1:
+            return send(chunks[0]) if chunks else []
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chunks))) as pool:
             return [entry for entries in pool.map(send, chunks) for entry in entries]
 

@@ -29,6 +29,7 @@ def run_cli(*args, cwd):
 def test_a_batch_is_split_into_consecutive_requests_by_count_and_bytes(sizes, max_images, max_bytes, expected):
     assert Client(max_images=max_images, max_bytes=max_bytes).plan(sizes) == expected
     assert Client(transport="raw").plan([1] * 3) == [(0, 1), (1, 2), (2, 3)]
+    assert Client().classify([]) == []
 
 
 def test_directories_give_their_images_recursively_in_order(tmp_path):
