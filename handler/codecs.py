@@ -2,9 +2,11 @@
 
 TorchServe hands the handler one dict per request. Its keys are the multipart field names, or
 ``body`` for a raw body; JSON bodies arrive already parsed, text bodies as ``str``, anything else as
-``bytearray``. (TorchServe 0.12 does not pass query parameters to the handler on /predictions.)
-This module turns one such row into an
-ordered list of image payloads, and the engine's results back into the matching response shape.
+``bytearray`` (an application/json body that is not pure JSON, such as an Open Inference Protocol body
+with binary data, arrives as bytes too). HTTP request headers reach the handler separately, with the
+case the client wrote them in. (TorchServe 0.12 does not pass query parameters to the handler.)
+This module turns one such row into an ordered list of image payloads, and the engine's results back
+into the matching response shape. The Open Inference Protocol's layout lives in ``handler.oip``.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ import binascii
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from handler import oip
 
 BODY_KEYS = ("body", "data")
 OPTION_KEYS = frozenset({"topk"})  # multipart fields that are options, never images
 DATA_URI_MARKER = ";base64,"
+# The outputs an Open Inference Protocol request may ask for, and those it gets when it names none.
+OIP_OUTPUTS = ("predictions",)
+DEFAULT_OIP_OUTPUTS = ("predictions",)
 # Every body this handler understands is at most 5 levels deep; a deeper one is refused before parsing,
 # because json.loads recurses once per level (100,000 levels raise RecursionError, not a clean error).
 MAX_JSON_DEPTH = 32
@@ -68,10 +75,23 @@ class ParsedRequest:
     envelope: str  # "plain", "kserve_v1" or "kserve_v2"
     topk: int | None = None
     request_id: str | None = None  # KServe v2 echoes the caller's id
+    outputs: tuple[oip.RequestedOutput, ...] = ()  # KServe v2: the outputs to answer, each JSON or binary
 
 
-def parse_request(row: Mapping[str, Any], limits: Limits) -> ParsedRequest:
-    """Turn one TorchServe request row into ordered payloads; raise RequestError if unusable."""
+@dataclass(frozen=True)
+class Response:
+    """One request's answer: its body and the HTTP headers that say how to read it."""
+
+    body: str | bytes
+    content_type: str = oip.JSON_CONTENT_TYPE
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def parse_request(row: Mapping[str, Any], limits: Limits, header_length: str | None = None) -> ParsedRequest:
+    """Turn one TorchServe request row into ordered payloads; raise RequestError if unusable.
+
+    ``header_length`` is the request's Inference-Header-Content-Length header, when it has one.
+    """
     if not isinstance(row, Mapping):
         raise RequestError(400, "the request could not be read")
     topk = _parse_topk(row.get("topk"), limits)
@@ -81,12 +101,13 @@ def parse_request(row: Mapping[str, Any], limits: Limits) -> ParsedRequest:
                                 "file fields, or as JSON {\"images\": [\"<base64>\", ...]}")
 
     if len(image_fields) == 1 and image_fields[0][0] in BODY_KEYS:
-        parsed = _parse_body(image_fields[0][1], limits)  # JSON bodies are counted before decoding base64
+        # JSON bodies are counted before decoding base64
+        parsed = _parse_body(image_fields[0][1], limits, header_length)
     else:
         _check_count(len(image_fields), limits)
         parsed = ParsedRequest([_field_payload(key, value, limits) for key, value in image_fields], "plain")
     if topk is not None:
-        parsed = ParsedRequest(parsed.payloads, parsed.envelope, topk, parsed.request_id)
+        parsed = replace(parsed, topk=topk)
     return parsed
 
 
@@ -118,25 +139,45 @@ def _load_json(text: bytes) -> Any:
         raise RequestError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels") from None
 
 
-def _parse_body(body: Any, limits: Limits) -> ParsedRequest:
-    if isinstance(body, (bytes, bytearray)) and _looks_like_json(body):
-        body = _load_json(bytes(body))
-    elif isinstance(body, str):
-        if not _looks_like_json(body.encode("utf-8", "surrogatepass")):
+def _parse_body(body: Any, limits: Limits, header_length: str | None) -> ParsedRequest:
+    binary = memoryview(b"")  # what follows a JSON header: Open Inference Protocol binary tensor data
+    if isinstance(body, str):
+        text = body.encode("utf-8", "surrogatepass")
+        if not _looks_like_json(text):
             return ParsedRequest([_base64_payload(body, 0, limits)], "plain")
-        body = _load_json(body.encode("utf-8", "surrogatepass"))
+        body = text
+    if isinstance(body, (bytes, bytearray)) and _looks_like_json(body):
+        body, binary = _split_json_body(body, header_length)
 
     if isinstance(body, (bytes, bytearray)):
         if len(body) == 0:
             raise RequestError(400, "the request body is empty: send an image")
         return ParsedRequest([_raw_payload(body, 0, limits)], "plain")
     if isinstance(body, Mapping):
+        if "inputs" in body:
+            return _parse_kserve_v2(body, binary, limits, _parse_topk(body.get("topk"), limits))
+        if len(binary) > 64 or bytes(binary).strip():
+            raise RequestError(400, f"{len(binary)} bytes follow the JSON body; only an Open Inference Protocol "
+                                    "request ({\"inputs\": [...]}) may carry binary data after its JSON header")
         return _parse_json_object(body, limits)
     raise RequestError(
         400,
         "a JSON body must be an object such as {\"images\": [\"<base64>\", ...]}; "
         f"got a JSON {type(body).__name__}",
     )
+
+
+def _split_json_body(body: bytes | bytearray, header_length: str | None) -> tuple[Any, memoryview]:
+    """The parsed JSON header and the bytes after it: by the given header length, or by the extent of the
+    JSON object the body starts with (arrays are read whole)."""
+    view = memoryview(body)
+    if header_length is None and bytes(view[:64]).lstrip()[:1] != b"{":
+        return _load_json(bytes(view)), view[len(view):]
+    try:
+        header, binary = oip.split_body(view, header_length, MAX_JSON_DEPTH)
+    except oip.OipError as error:
+        raise RequestError(error.status, error.message) from None
+    return _load_json(bytes(header)), binary
 
 
 def _parse_json_object(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
@@ -155,8 +196,6 @@ def _parse_json_object(body: Mapping[str, Any], limits: Limits) -> ParsedRequest
         return ParsedRequest(
             [_kserve_v1_payload(item, i, limits) for i, item in enumerate(instances)], "kserve_v1", topk
         )
-    if "inputs" in body:
-        return _parse_kserve_v2(body, limits, topk)
     raise RequestError(
         400,
         "unrecognised JSON body: expected {\"images\": [...]}, KServe v1 {\"instances\": [...]} "
@@ -164,21 +203,37 @@ def _parse_json_object(body: Mapping[str, Any], limits: Limits) -> ParsedRequest
     )
 
 
-def _parse_kserve_v2(body: Mapping[str, Any], limits: Limits, topk: int | None) -> ParsedRequest:
-    inputs = body["inputs"]
-    if not isinstance(inputs, list) or not inputs:
-        raise RequestError(400, "\"inputs\" must be a non-empty list of tensors with datatype BYTES")
-    items: list[Any] = []
-    for tensor in inputs:
-        if not isinstance(tensor, Mapping) or not isinstance(tensor.get("data"), list):
-            raise RequestError(400, "each entry of \"inputs\" needs a \"data\" list of base64 strings")
-        if tensor.get("datatype", "BYTES") != "BYTES":
-            raise RequestError(400, f"input datatype must be BYTES (base64 images); got {tensor.get('datatype')!r}")
-        items.extend(tensor["data"])
+def _parse_kserve_v2(body: Mapping[str, Any], binary: memoryview, limits: Limits,
+                     topk: int | None) -> ParsedRequest:
+    """An Open Inference Protocol request: BYTES inputs, as base64 strings in JSON or raw binary data."""
+    try:
+        request = oip.parse_request(body, binary, limits.max_images, datatypes=(oip.BYTES,))
+    except oip.OipError as error:
+        raise RequestError(error.status, error.message) from None
+    if "topk" in request.parameters:
+        topk = _parse_topk(request.parameters["topk"], limits)
+    items = [item for tensor in request.inputs for item in tensor.data]
     _check_count(len(items), limits)
-    request_id = body.get("id") if isinstance(body.get("id"), str) else None
-    payloads = [_json_item_payload(item, i, limits) for i, item in enumerate(items)]
-    return ParsedRequest(payloads, "kserve_v2", topk, request_id)
+    payloads = [_oip_item_payload(item, i, limits) for i, item in enumerate(items)]
+    return ParsedRequest(payloads, "kserve_v2", topk, request.id, _resolve_outputs(request))
+
+
+def _resolve_outputs(request: oip.InferRequest) -> tuple[oip.RequestedOutput, ...]:
+    """The outputs to answer, each decided JSON or binary (an output's binary_data beats binary_data_output)."""
+    if request.outputs is None:
+        return tuple(oip.RequestedOutput(name, request.binary_output) for name in DEFAULT_OIP_OUTPUTS)
+    unknown = [output.name for output in request.outputs if output.name not in OIP_OUTPUTS]
+    if unknown:
+        raise RequestError(400, f"unknown output {unknown[0]!r}; this model answers {', '.join(OIP_OUTPUTS)}")
+    return tuple(oip.RequestedOutput(output.name, request.binary_output if output.binary is None else output.binary)
+                 for output in request.outputs)
+
+
+def _oip_item_payload(item: Any, index: int, limits: Limits) -> Payload:
+    """A BYTES element: raw bytes from binary data, base64 text from JSON data."""
+    if isinstance(item, bytes):
+        return _raw_payload(item, index, limits) if item else ImageError(400, f"image {index} is empty")
+    return _json_item_payload(item, index, limits)
 
 
 def _kserve_v1_payload(instance: Any, index: int, limits: Limits) -> Payload:
@@ -268,23 +323,27 @@ def _looks_like_json(data: bytes | bytearray) -> bool:
     return bytes(data[:64]).lstrip()[:1] in (b"{", b"[")
 
 
-def encode_response(parsed: ParsedRequest, entries: Sequence[dict[str, Any]], model_name: str) -> Any:
-    """Wrap the per-image entries in the shape the request came in."""
+def encode_response(parsed: ParsedRequest, entries: Sequence[dict[str, Any]], model_name: str,
+                    tensors: Mapping[str, oip.Tensor] | None = None) -> Response:
+    """The per-image entries in the shape the request came in.
+
+    An Open Inference Protocol request gets the outputs it asked for, each as JSON data or binary data:
+    ``predictions`` (BYTES, one JSON entry per image) is made here from the entries; any other output it
+    may ask for (see OIP_OUTPUTS) comes ready-made in ``tensors``, by name.
+    """
     if parsed.envelope == "kserve_v1":
-        return {"predictions": list(entries)}
+        return Response(json.dumps({"predictions": list(entries)}))
     if parsed.envelope == "kserve_v2":
-        response: dict[str, Any] = {
-            "model_name": model_name,
-            "outputs": [
-                {
-                    "name": "predictions",
-                    "datatype": "BYTES",
-                    "shape": [len(entries)],
-                    "data": [json.dumps(entry) for entry in entries],
-                }
-            ],
-        }
-        if parsed.request_id is not None:
-            response["id"] = parsed.request_id
-        return response
-    return list(entries)
+        available = {"predictions": predictions_tensor(entries), **(tensors or {})}
+        outputs = [available[output.name] for output in parsed.outputs]
+        binary = {output.name for output in parsed.outputs if output.binary}
+        body, length = oip.encode_response(model_name, parsed.request_id, outputs, binary)
+        if length is None:
+            return Response(body.decode())
+        return Response(body, oip.BINARY_CONTENT_TYPE, {oip.HEADER_LENGTH: str(length)})
+    return Response(json.dumps(list(entries)))
+
+
+def predictions_tensor(entries: Sequence[dict[str, Any]]) -> oip.Tensor:
+    """The ``predictions`` output: one BYTES element per image, the image's entry as JSON text."""
+    return oip.Tensor("predictions", oip.BYTES, (len(entries),), [json.dumps(entry).encode() for entry in entries])

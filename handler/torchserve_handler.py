@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler import oip
 from handler.codecs import (
     ImageError,
     Limits,
@@ -135,7 +136,7 @@ class ImageBatchHandler(BaseHandler):
         images, and then only those of its chunk (the engine's guard).
         """
         started = time.perf_counter()
-        requests = [self._parse(row, index) for index, row in enumerate(data)]
+        requests = [self._parse(row, index, context) for index, row in enumerate(data)]
         accepted = [request for request in requests if isinstance(request, ParsedRequest)]
         payloads = [payload for request in accepted for payload in request.payloads]
         topk = max((request.topk or self.config.topk for request in accepted), default=1)
@@ -155,9 +156,9 @@ class ImageBatchHandler(BaseHandler):
         ServerMetrics(getattr(context, "metrics", None)).record(len(data), timings, time.perf_counter() - started)
         return responses
 
-    def _parse(self, row: Any, index: int) -> ParsedRequest | RequestError:
+    def _parse(self, row: Any, index: int, context: Any) -> ParsedRequest | RequestError:
         try:
-            return parse_request(row, self.limits)
+            return parse_request(row, self.limits, _request_header(context, index, oip.HEADER_LENGTH))
         except RequestError as error:
             return error
         except Exception:  # a bug of ours, met by this request only: it alone gets a 500
@@ -177,7 +178,8 @@ class ImageBatchHandler(BaseHandler):
             logger.exception("the engine failed on a batch of %d images", len(payloads))
             return [ImageError(500, "inference failed for this image; see the server log")] * len(payloads)
 
-    def _encode(self, request: ParsedRequest, results: list[TopK | ImageError], index: int, context: Any) -> str:
+    def _encode(self, request: ParsedRequest, results: list[TopK | ImageError], index: int,
+                context: Any) -> str | bytes:
         """The response body of one request, serialized here so that no value can fail the batch later."""
         try:
             if len(results) == 1 and isinstance(results[0], ImageError):
@@ -187,13 +189,15 @@ class ImageBatchHandler(BaseHandler):
                 result.to_json() if isinstance(result, ImageError) else {"topk": self._labelled(result[:topk])}
                 for result in results
             ]
-            body = json.dumps(encode_response(request, entries, self.model_name))
+            response = encode_response(request, entries, self.model_name)
         except Exception:
             logger.exception("could not encode the response of request %d", index)
             return self._error_response(RequestError(500, "the server failed to encode this response; see the "
                                                           "server log"), index, context)
-        context.set_response_content_type(index, JSON_CONTENT_TYPE)
-        return body
+        context.set_response_content_type(index, response.content_type)
+        for name, value in response.headers.items():
+            context.set_response_header(index, name, value)
+        return response.body
 
     @staticmethod
     def _error_response(error: ImageError | RequestError, index: int, context: Any) -> str:
@@ -203,3 +207,12 @@ class ImageBatchHandler(BaseHandler):
 
     def _labelled(self, topk: TopK) -> list[dict[str, Any]]:
         return [{"label": self.labels[i], "index": i, "score": round(score, 6)} for i, score in topk]
+
+
+def _request_header(context: Any, index: int, name: str) -> str | None:
+    """An HTTP header of request ``index``: TorchServe passes them with the client's spelling of the name."""
+    wanted = name.lower()
+    for key, value in (context.get_all_request_header(index) or {}).items():
+        if isinstance(key, str) and key.lower() == wanted and isinstance(value, str):
+            return value
+    return None

@@ -1,78 +1,133 @@
 #!/usr/bin/env python3
-"""A short Python client: classify images through TorchServe's inference API.
+"""Classify images with the model TorchServe serves: one answer per image, in input order.
 
-    python scripts/client.py photo1.jpg photo2.png ...          # one multipart request, entries in order
-    python scripts/client.py --one-per-request big1.jpg big2.jpg   # concurrent raw requests: faster for
-                                                                   # large photos (TorchServe batches them)
+    python scripts/client.py photo.jpg more_photos/              # a readable line per image
+    python scripts/client.py --jsonl more_photos/ > answers.jsonl   # one JSON object per image, nothing else
+    python scripts/client.py --model NAME --url http://HOST:8080 --key-file PATH photo.jpg
+
+Works from any directory: the key file is --key-file, else ./key_file.json, else the repo root's (where
+scripts/serve.sh starts TorchServe). By default images travel as Open Inference Protocol binary
+requests of up to 32 images and 8 MB, sent concurrently (the fastest measured way; docs/benchmarks.md).
+Exit status: 0 when every image got its answer (a bad image's answer is its error line), 1 when the
+server or a request failed (not running, wrong key, unknown model), 2 for bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from concurrent.futures import ThreadPoolExecutor
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
-import requests
-
-
-def read_keys(key_file: Path = Path("key_file.json")) -> dict[str, str]:
-    """TorchServe's token file: {"inference": key, "management": key, "API": key}."""
-    raw = json.loads(Path(key_file).read_text())
-    return {name: raw[name]["key"] for name in ("inference", "management", "API") if name in raw}
-
-
-def classify(paths: list[Path], url: str = "http://127.0.0.1:8080", model: str = "resnet50",
-             token: str | None = None, timeout: float = 300) -> list[dict]:
-    """Send all images in one multipart request; field names must be distinct (image0, image1, ...)."""
-    token = token or read_keys()["inference"]
-    files = {f"image{i}": (path.name, path.read_bytes()) for i, path in enumerate(paths)}
-    response = requests.post(f"{url}/predictions/{model}", files=files,
-                             headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
-    body = response.json()
-    if not response.ok:
-        raise RuntimeError(f"HTTP {response.status_code}: {body}")
-    return body if isinstance(body, list) else [body]
+from ts_client import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_IMAGES,
+    DEFAULT_MODEL,
+    DEFAULT_TRANSPORT,
+    DEFAULT_URL,
+    TRANSPORTS,
+    Client,
+    ClientError,
+    image_files,
+    read_keys,
+)
 
 
-def classify_one_per_request(paths: list[Path], url: str = "http://127.0.0.1:8080", model: str = "resnet50",
-                             token: str | None = None, timeout: float = 300, concurrency: int = 32) -> list[dict]:
-    """One raw-body request per image, sent concurrently; TorchServe batches them into one handler call.
+class Progress:
+    """A one-line progress bar on a terminal's stderr; silent when stderr is not a terminal."""
 
-    For large photos this beats one multipart request: TorchServe's frontend parses a big multipart body slowly.
-    A failed image comes back as its {"error": ...} entry, like in a multipart answer.
-    """
-    token = token or read_keys()["inference"]
-    headers = {"Authorization": f"Bearer {token}"}
+    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 30) -> None:
+        self.total, self.done, self.stream, self.width = total, 0, stream, width
+        self.started = time.monotonic()
+        self.enabled = stream.isatty()
 
-    def send(path: Path) -> dict:
-        response = requests.put(f"{url}/predictions/{model}", data=path.read_bytes(), headers=headers, timeout=timeout)
-        body = response.json()
-        return body[0] if isinstance(body, list) else body
+    def __call__(self, count: int) -> None:
+        self.done += count
+        if self.enabled:
+            filled = self.width * self.done // max(1, self.total)
+            elapsed = time.monotonic() - self.started
+            self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} images "
+                              f"{elapsed:.1f} s")
+            self.stream.flush()
 
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(paths)))) as pool:
-        return list(pool.map(send, paths))
+    def close(self) -> None:
+        if self.enabled and self.done:
+            self.stream.write("\n")
 
 
-def main() -> None:
+def readable(path: Path, entry: dict) -> str:
+    if "error" in entry:
+        return f"{path}: error {entry['error'].get('status')}: {entry['error'].get('message')}"
+    best, *others = entry["topk"]
+    runners_up = ", ".join(f"{item['label']} {item['score']:.3f}" for item in others[:2])
+    return f"{path}: {best['label']} ({best['score']:.3f})" + (f"   [then {runners_up}]" if runners_up else "")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", type=Path)
-    parser.add_argument("--url", default="http://127.0.0.1:8080")
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--key-file", type=Path, default=Path("key_file.json"))
-    parser.add_argument("--one-per-request", action="store_true",
-                        help="send each image as its own concurrent request (faster for large photos)")
-    args = parser.parse_args()
-    token = read_keys(args.key_file)["inference"]
-    send = classify_one_per_request if args.one_per_request else classify
-    entries = send(args.images, args.url, args.model, token)
-    for path, entry in zip(args.images, entries, strict=True):
-        if "error" in entry:
-            print(f"{path}: error {entry['error']['status']}: {entry['error']['message']}")
-        else:
-            best = entry["topk"][0]
-            print(f"{path}: {best['label']} ({best['score']:.3f})")
+    parser.add_argument("images", nargs="+", type=Path, help="image files or directories (searched recursively)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"TorchServe inference URL (default {DEFAULT_URL})")
+    parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json (default: ./ or the repo root's)")
+    parser.add_argument("--jsonl", action="store_true",
+                        help='print one JSON object per image, {"file": ..., plus its entry}, and nothing else')
+    parser.add_argument("--topk", type=int, help="classes per image (default: the server's, 5)")
+    parser.add_argument("--transport", choices=TRANSPORTS, default=DEFAULT_TRANSPORT,
+                        help=f"how images travel (default {DEFAULT_TRANSPORT})")
+    parser.add_argument("--one-per-request", dest="transport", action="store_const", const="raw",
+                        help="same as --transport raw: each image its own request")
+    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="images per request at most")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="image bytes per request at most")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="requests in flight")
+    parser.add_argument("--grpc-address", default="127.0.0.1:7070", help="for --transport grpc")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per request")
+    args = parser.parse_args(argv)
+    missing = [str(path) for path in args.images if not path.exists()]
+    if missing:
+        parser.error(f"no such file or directory: {', '.join(missing)}")
+    if min(args.max_images, args.max_bytes, args.concurrency) < 1 or (args.topk is not None and args.topk < 1):
+        parser.error("--max-images, --max-bytes, --concurrency and --topk must be at least 1")
+    if args.topk is not None and args.transport == "raw":
+        parser.error("--topk cannot travel with raw bodies (--one-per-request); choose another --transport")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    try:
+        files = image_files(args.images)
+        if not files:
+            print(f"no image files in {', '.join(map(str, args.images))}", file=sys.stderr)
+            return 2
+        keys = read_keys(args.key_file)
+        if "inference" not in keys:
+            raise ClientError("the key file has no inference key")
+        progress = Progress(len(files))
+        with Client(args.url, args.model, keys["inference"], args.transport, args.max_images, args.max_bytes,
+                    args.concurrency, args.topk, args.timeout, args.grpc_address) as client:
+            try:
+                entries = client.classify(files, progress=progress)
+            finally:
+                progress.close()
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    for path, entry in zip(files, entries, strict=True):
+        print(json.dumps({"file": str(path), **entry}) if args.jsonl else readable(path, entry))
+    failed = sum("error" in entry for entry in entries)
+    images = f"{len(files)} image{'s' if len(files) != 1 else ''}"
+    print(f"{images}: {len(files) - failed} classified, {failed} with an error ({time.monotonic() - started:.1f} s)",
+          file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -48,6 +48,7 @@ class TorchServe:
         self.tmpdir = self.workdir / "tmp"
         self.tmpdir.mkdir()
         self.ports = {key: free_port() for key in PORT_KEYS}
+        self.grpc_ports = {"grpc_inference_port": free_port(), "grpc_management_port": free_port()}
         self.keys: dict[str, str] = {}
         self.frontend: psutil.Process | None = None
 
@@ -58,6 +59,10 @@ class TorchServe:
     @property
     def management_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['management_address']}"
+
+    @property
+    def grpc_inference_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_ports['grpc_inference_port']}"
 
     @property
     def metrics_url(self) -> str:
@@ -76,8 +81,7 @@ class TorchServe:
             settings[key] = f"http://127.0.0.1:{port}"
         settings["model_store"] = str(self.model_store)
         settings["load_models"] = ",".join(self.models)
-        settings["grpc_inference_port"] = str(free_port())
-        settings["grpc_management_port"] = str(free_port())
+        settings.update({key: str(port) for key, port in self.grpc_ports.items()})
         # Worker sockets are Unix sockets named after this port in this server's own TMPDIR: no other server
         # can collide with them, whatever its initial_worker_port.
         settings["initial_worker_port"] = "9000"
@@ -107,6 +111,7 @@ class TorchServe:
                     raise
                 print(f"TorchServe lost a port race (attempt {attempt}); retrying on new ports", file=sys.stderr)
                 self.ports = {key: free_port() for key in PORT_KEYS}
+                self.grpc_ports = {key: free_port() for key in self.grpc_ports}
         raise AssertionError("unreachable")
 
     def _start_once(self) -> TorchServe:

@@ -96,3 +96,33 @@ def test_update_model_config_keeps_comments_and_other_settings():
     values = yaml.safe_load(updated)
     assert values["minWorkers"] == 1
     assert values["handler"] == {"crop_size": 224, "max_batch": 16, "decode_threads": 1}
+
+
+@pytest.mark.e2e
+def test_bench_transport_quick_answers_every_request_in_every_format(tmp_path, archives):
+    completed = run_script("bench_transport.py", "--quick", "--out", str(tmp_path), "--model-store", str(archives))
+    assert "SMOKE RUN" in completed.stdout and "recommend nothing" in completed.stdout
+    assert "the client's default takes" not in completed.stdout  # a smoke run draws no conclusions
+    result = json.loads((tmp_path / "bench_transport.json").read_text())
+    assert result["quick"] is True
+    rows = result["results"]
+    formats = {"raw", "multipart", "json", "oip-json", "oip-binary", "grpc", "client"}
+    for set_name in ("imagenet", "phone"):
+        mine = [row for row in rows if row["set"] == set_name]
+        assert {row["format"] for row in mine} == formats
+        assert {(row["format"], row["requests"]) for row in mine if row["format"] != "client"} == \
+               {(fmt, n) for fmt in formats - {"client", "raw"} for n in (1, 8)} | {("raw", 8)}
+    for row in rows:
+        assert row["images"] == 8 and row["rounds"] == 2
+        assert row["answered"] == row["expected"] == 16, row  # every image of every request got its entry
+        assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"]
+        assert row["mb_per_s"] == pytest.approx(row["megabytes"] / (row["median_ms"] / 1e3), rel=1e-6)
+    assert {(h["set"], h["images"]) for h in result["handler"]} == {("imagenet", 8), ("phone", 8)}
+    assert all(h["handler_ms"] >= h["model_ms"] > 0 for h in result["handler"])
+    for entry in result["summary"]:
+        client = next(r for r in rows if r["set"] == entry["set"] and r["format"] == "client")
+        multipart = next(r for r in rows if r["set"] == entry["set"] and r["format"] == "multipart"
+                         and r["requests"] == 1)
+        assert entry["client_over_multipart"] == pytest.approx(client["median_ms"] / multipart["median_ms"])
+        assert entry["limit"] in ("handler", "transport")
+    assert_png(tmp_path / "bench_transport.png")

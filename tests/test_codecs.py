@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from handler import codecs
+from handler import codecs, oip
 from handler.codecs import ImageError, Limits, ParsedRequest, RequestError, encode_response, parse_request
 
 LIMITS = Limits(max_images=4, max_image_bytes=1000, max_topk=1000)
@@ -97,12 +97,17 @@ def test_kserve_v1_and_v2_bodies():
 
 def test_encode_response_matches_the_request_envelope():
     entries = [{"topk": []}, {"error": {"status": 400, "message": "x"}}]
-    assert encode_response(ParsedRequest([], "plain"), entries, "m") == entries
-    assert encode_response(ParsedRequest([], "kserve_v1"), entries, "m") == {"predictions": entries}
-    v2 = encode_response(ParsedRequest([], "kserve_v2", request_id="r1"), entries, "m")
-    assert v2["id"] == "r1" and v2["model_name"] == "m"
-    assert [json.loads(item) for item in v2["outputs"][0]["data"]] == entries
-    assert v2["outputs"][0]["shape"] == [2]
+    for envelope, expected in (("plain", entries), ("kserve_v1", {"predictions": entries})):
+        response = encode_response(ParsedRequest([], envelope), entries, "m")
+        assert json.loads(response.body) == expected
+        assert response.content_type == "application/json" and response.headers == {}
+    predictions = (oip.RequestedOutput("predictions", False),)
+    v2 = encode_response(ParsedRequest([], "kserve_v2", request_id="r1", outputs=predictions), entries, "m")
+    assert v2.content_type == "application/json" and v2.headers == {}
+    body = json.loads(v2.body)
+    assert body["id"] == "r1" and body["model_name"] == "m"
+    assert [json.loads(item) for item in body["outputs"][0]["data"]] == entries
+    assert body["outputs"][0]["shape"] == [2]
 
 
 DEEP_BODIES = {
@@ -157,3 +162,79 @@ def test_topk_must_be_a_whole_number_in_range(topk, fragment):
     assert error.value.status == 400 and fragment in error.value.message
     assert parse_request({"body": {"images": [b64(JPEG)], "topk": 3.0}}, LIMITS).topk == 3
     assert parse_request({"topk": bytearray(b"4"), "a": bytearray(JPEG)}, LIMITS).topk == 4
+
+
+def triton_body(elements, binary, outputs=None, parameters=None):
+    """An Open Inference Protocol body made by tritonclient, the protocol's reference client."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    tensor = triton.InferInput("images", [len(elements)], "BYTES")
+    tensor.set_data_from_numpy(np.array(elements, dtype=np.object_), binary_data=binary)
+    body, json_size = triton.InferenceServerClient.generate_request_body([tensor], outputs=outputs,
+                                                                         parameters=parameters)
+    return bytearray(body), None if json_size is None else str(json_size)
+
+
+@pytest.mark.parametrize("send_length", [True, False])
+def test_oip_binary_body_gives_raw_images_with_or_without_the_header_length(send_length):
+    body, length = triton_body([JPEG, b"", b'{"x": 1}'], binary=True)
+    parsed = parse_request({"body": body}, LIMITS, length if send_length else None)
+    assert parsed.envelope == "kserve_v2"
+    first, empty, third = parsed.payloads
+    assert first == JPEG and third == b'{"x": 1}'
+    assert isinstance(empty, ImageError) and empty.status == 400 and "empty" in empty.message
+    assert parsed.outputs == (oip.RequestedOutput("predictions", True),)  # tritonclient's default: binary
+
+
+def test_oip_text_body_arriving_as_str_is_read_like_bytes():
+    body, length = triton_body([b64(JPEG)], binary=False, outputs=[])
+    parsed = parse_request({"body": body.decode()}, LIMITS, length)
+    assert parsed.payloads == [JPEG] and parsed.outputs == (oip.RequestedOutput("predictions", True),)
+
+
+def test_oip_outputs_json_by_default_and_binary_when_asked():
+    header = {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [b64(JPEG)]}]}
+    assert parse_request({"body": header}, LIMITS).outputs == (oip.RequestedOutput("predictions", False),)
+    asked = {**header, "parameters": {"binary_data_output": True, "topk": 2},
+             "outputs": [{"name": "predictions", "parameters": {"binary_data": False}}]}
+    parsed = parse_request({"body": asked}, LIMITS)
+    assert parsed.outputs == (oip.RequestedOutput("predictions", False),) and parsed.topk == 2
+    with pytest.raises(RequestError) as error:
+        parse_request({"body": {**header, "outputs": [{"name": "logits"}]}}, LIMITS)
+    assert error.value.status == 400
+    assert "unknown output 'logits'; this model answers predictions" in error.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "length", "status", "fragment"),
+    [
+        (lambda: triton_body([JPEG] * 5, True)[0], None, 413, "the request has 5 elements"),
+        (lambda: triton_body([JPEG, JPEG], True)[0][:-1], None, 400,
+         "declare 50 bytes of binary data (binary_data_size) but 49 bytes"),
+        (lambda: triton_body([JPEG], True)[0], "7", 400, "not valid JSON"),
+        (lambda: triton_body([JPEG], True)[0], "100000", 400, "Inference-Header-Content-Length must be"),
+        (lambda: bytearray(b'{"images": ["' + b64(JPEG).encode() + b'"]}' + b"\x00" * 99), None, 400,
+         "99 bytes follow the JSON body; only an Open Inference Protocol request"),
+        (lambda: triton_body([1.5], False)[0].replace(b'"1.5"', b"1.5").replace(b"BYTES", b"FP32"), None, 400,
+         "datatype must be BYTES; got 'FP32'"),
+    ],
+)
+def test_oip_bodies_that_do_not_add_up_are_rejected_with_a_reason(body, length, status, fragment):
+    with pytest.raises(RequestError) as error:
+        parse_request({"body": body()}, LIMITS, length)
+    assert error.value.status == status
+    assert fragment in error.value.message
+
+
+def test_oip_binary_response_is_read_by_tritonclient():
+    import tritonclient.http as triton
+
+    entries = [{"topk": [{"index": 3}]}, {"error": {"status": 415, "message": "x"}}]
+    parsed = ParsedRequest([], "kserve_v2", request_id="r2", outputs=(oip.RequestedOutput("predictions", True),))
+    response = encode_response(parsed, entries, "m")
+    assert isinstance(response.body, bytes) and response.content_type == "application/octet-stream"
+    length = int(response.headers["Inference-Header-Content-Length"])
+    result = triton.InferResult.from_response_body(response.body, header_length=length)
+    assert [json.loads(item) for item in result.as_numpy("predictions")] == entries
+    assert result.get_response()["id"] == "r2"

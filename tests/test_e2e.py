@@ -12,10 +12,10 @@ import pytest
 import requests
 import torch
 import yaml
-from client import classify, classify_one_per_request
 from conftest import DEMO_MODEL_NAME, REPO, keep_logs_if_failed
 from reference import reference_probabilities, timm_transform
 from traffic import Traffic, scale_out_and_back
+from ts_client import classify, classify_one_per_request
 from ts_server import TorchServe
 
 from handler.config import HandlerConfig

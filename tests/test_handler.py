@@ -213,10 +213,10 @@ def test_a_request_that_breaks_the_parser_fails_alone(handler, model_dir, imagen
 
     real_parse = torchserve_handler.parse_request
 
-    def parse_or_explode(row, limits):
+    def parse_or_explode(row, limits, header_length=None):
         if "explode" in row:
             raise KeyError("a bug met by this request only")
-        return real_parse(row, limits)
+        return real_parse(row, limits, header_length)
 
     monkeypatch.setattr(torchserve_handler, "parse_request", parse_or_explode)
     deep = bytearray(b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
@@ -237,7 +237,7 @@ def test_a_response_that_cannot_be_encoded_fails_alone(handler, model_dir, image
 
     def encode_or_explode(request, entries, model_name):
         if request.envelope == "kserve_v1":
-            return {"predictions": entries, "unserializable": object()}
+            entries = [{**entry, "unserializable": object()} for entry in entries]
         return real_encode(request, entries, model_name)
 
     monkeypatch.setattr(torchserve_handler, "encode_response", encode_or_explode)

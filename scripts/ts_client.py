@@ -1,0 +1,329 @@
+"""Classify images through TorchServe: the library behind scripts/client.py (no torch, no TorchServe).
+
+    from ts_client import Client
+    client = Client(token=read_keys()["inference"])        # the server scripts/serve.sh starts
+    entries = client.classify([Path("a.jpg"), Path("b.png")])
+    # one entry per image, in input order: {"topk": [...]} or {"error": {"status", "message"}}
+
+By default a batch travels as Open Inference Protocol binary requests (raw image bytes after a small
+JSON header: nothing to base64-encode, nothing for TorchServe's frontend to parse), split into
+several requests of at most ``max_images`` images / ``max_bytes`` bytes, sent concurrently; TorchServe
+batches them into one handler call again (``batchSize``). docs/benchmarks.md has the measurements
+behind these defaults. A bad image is an entry, never an exception; ClientError means the server or
+the request failed (not running, wrong key, unknown model, ...), with a message for a person.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from handler import oip  # noqa: E402  (torch-free: handler/__init__.py imports nothing)
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_MODEL = "efficientnet_lite0"  # what scripts/serve.sh serves by default
+DEFAULT_KEY_FILE = REPO / "key_file.json"  # scripts/serve.sh starts TorchServe in the repo root
+KEY_FILE_NAME = "key_file.json"
+# oip-binary: OIP with binary data; oip-json: OIP with base64 strings; json: {"images": [base64, ...]};
+# multipart: fields image0..; raw: one image per request as the body; grpc: OIP binary over TorchServe's gRPC API.
+TRANSPORTS = ("oip-binary", "oip-json", "json", "multipart", "raw", "grpc")
+DEFAULT_TRANSPORT = "oip-binary"
+# Split so that no request is big: TorchServe's frontend moves one 100 MB body at ~55 MB/s but 16 bodies of
+# 6.5 MB at ~300 MB/s (docs/benchmarks.md). Small photos: one request of up to 32 images is as fast as any split.
+DEFAULT_MAX_IMAGES = 32  # images per request; the server's own limit is max_images_per_request (64)
+DEFAULT_MAX_BYTES = 8_000_000  # bytes of images per request (a request holds at least one image)
+DEFAULT_CONCURRENCY = 16  # requests in flight; TorchServe batches up to batchSize of them per handler call
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+class ClientError(Exception):
+    """The server or the request failed, not an image: the message says what to do."""
+
+
+def find_key_file(key_file: Path | None = None) -> Path:
+    """The key file to use, from any working directory: the one given, else ./key_file.json (TorchServe
+    writes it where it starts), else the repo root's (where scripts/serve.sh starts TorchServe)."""
+    if key_file is not None:
+        candidates = [Path(key_file)]
+    else:
+        candidates = [Path.cwd() / KEY_FILE_NAME, DEFAULT_KEY_FILE]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = " or ".join(str(c) for c in dict.fromkeys(candidates))
+    raise ClientError(f"no TorchServe key file at {looked}. TorchServe writes it where it starts: start the "
+                      "server with scripts/serve.sh, or pass --key-file PATH")
+
+
+def read_keys(key_file: Path | None = None) -> dict[str, str]:
+    """TorchServe's token file as {"inference": key, "management": key, "API": key}."""
+    path = find_key_file(key_file)
+    try:
+        raw = json.loads(path.read_text())
+        return {name: raw[name]["key"] for name in ("inference", "management", "API") if name in raw}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ClientError(f"cannot read the keys in {path}: {error}") from None
+
+
+def image_files(paths: Sequence[Path]) -> list[Path]:
+    """Files named, and image files found in the directories named (recursively, sorted)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ClientError(f"{path}: no such file or directory")
+    return found
+
+
+class Client:
+    """Send images to one model; ``classify`` returns one entry per image, in input order."""
+
+    def __init__(self, url: str = DEFAULT_URL, model: str = DEFAULT_MODEL, token: str | None = None,
+                 transport: str = DEFAULT_TRANSPORT, max_images: int = DEFAULT_MAX_IMAGES,
+                 max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = DEFAULT_CONCURRENCY,
+                 topk: int | None = None, timeout: float = 300, grpc_address: str | None = None) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {transport!r}")
+        if min(max_images, max_bytes, concurrency) < 1:
+            raise ValueError("max_images, max_bytes and concurrency must be at least 1")
+        if topk is not None and transport == "raw":
+            raise ValueError("topk cannot travel with a raw body; choose another transport")
+        self.url = url.rstrip("/")
+        self.model = model
+        self.transport = transport
+        self.max_images = 1 if transport == "raw" else max_images
+        self.max_bytes = max_bytes
+        self.concurrency = concurrency
+        self.topk = topk
+        self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._local = threading.local()
+        self._grpc = None
+        if transport == "grpc":
+            from ts_grpc import DEFAULT_ADDRESS, GrpcPredictions
+
+            self.grpc_address = grpc_address or DEFAULT_ADDRESS
+            self._grpc = GrpcPredictions(self.grpc_address, token)
+
+    def classify(self, images: Sequence[bytes | Path], progress: Callable[[int], None] | None = None) -> list[dict]:
+        """One entry per image, in order. ``images`` are bytes or paths; ``progress(n)`` hears of n more done."""
+        chunks = self.plan([_size(image) for image in images])
+
+        def send(bounds: tuple[int, int]) -> list[dict]:
+            payloads = [_read(image) for image in images[bounds[0]: bounds[1]]]
+            entries = self._send(payloads)
+            if progress is not None:
+                progress(len(payloads))
+            return entries
+
+        if len(chunks) <= 1:
+            return send(chunks[0]) if chunks else []
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chunks))) as pool:
+            return [entry for entries in pool.map(send, chunks) for entry in entries]
+
+    def plan(self, sizes: Sequence[int]) -> list[tuple[int, int]]:
+        """Consecutive (start, end) slices of at most max_images images and max_bytes bytes (one image at least)."""
+        chunks, start, total = [], 0, 0
+        for index, size in enumerate(sizes):
+            if index > start and (index - start >= self.max_images or total + size > self.max_bytes):
+                chunks.append((start, index))
+                start, total = index, 0
+            total += size
+        if sizes:
+            chunks.append((start, len(sizes)))
+        return chunks
+
+    def close(self) -> None:
+        if self._grpc is not None:
+            self._grpc.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------- transports
+
+    def _send(self, payloads: list[bytes]) -> list[dict]:
+        if self.transport == "grpc":
+            return self._send_grpc(payloads)
+        url = f"{self.url}/predictions/{self.model}"
+        headers = dict(self._headers)
+        if self.transport in ("oip-binary", "oip-json"):
+            url = f"{self.url}/v2/models/{self.model}/infer"
+            body, length = self._oip_body(payloads, binary=self.transport == "oip-binary")
+            headers["Content-Type"] = oip.BINARY_CONTENT_TYPE if length is not None else oip.JSON_CONTENT_TYPE
+            if length is not None:
+                headers[oip.HEADER_LENGTH] = str(length)
+            response = self._post(url, data=body, headers=headers)
+        elif self.transport == "json":
+            body = {"images": [base64.b64encode(p).decode() for p in payloads]}
+            if self.topk is not None:
+                body["topk"] = self.topk
+            response = self._post(url, json=body, headers=headers)
+        elif self.transport == "multipart":
+            files: dict[str, Any] = {f"image{i}": (f"image{i}", p, "application/octet-stream")
+                                     for i, p in enumerate(payloads)}
+            if self.topk is not None:
+                files["topk"] = (None, str(self.topk))
+            response = self._post(url, files=files, headers=headers)
+        else:  # raw: one image, the body itself (options cannot travel with a raw body)
+            headers["Content-Type"] = "application/octet-stream"
+            response = self._post(url, data=payloads[0], headers=headers)
+        return self._entries(response.status_code, response.content, response.headers.get(oip.HEADER_LENGTH),
+                             len(payloads))
+
+    def _oip_body(self, payloads: list[bytes], binary: bool) -> tuple[bytes, int | None]:
+        data = payloads if binary else [base64.b64encode(p).decode() for p in payloads]
+        tensor = oip.Tensor("images", oip.BYTES, (len(payloads),), data)
+        parameters = {"topk": self.topk} if self.topk is not None else None
+        return oip.build_request([tensor], binary, [oip.RequestedOutput("predictions", binary)], parameters)
+
+    def _send_grpc(self, payloads: list[bytes]) -> list[dict]:
+        import grpc
+
+        # JSON output: gRPC carries no response headers, so a binary response's header length would be lost.
+        tensor = oip.Tensor("images", oip.BYTES, (len(payloads),), payloads)
+        parameters = {"topk": self.topk} if self.topk is not None else None
+        body, _ = oip.build_request([tensor], True, [oip.RequestedOutput("predictions", False)], parameters)
+        try:
+            answer = self._grpc.predict(self.model, {"body": body}, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise ClientError(_describe_grpc(error, self.grpc_address)) from None
+        status = 200
+        try:
+            parsed = json.loads(answer)
+            if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+                status = int(parsed["error"].get("status", 500))  # the HTTP status does not travel over gRPC
+        except (ValueError, TypeError):
+            pass
+        return self._entries(status, answer, None, len(payloads))
+
+    def _post(self, url: str, **kwargs: Any) -> requests.Response:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        try:
+            return self._local.session.post(url, timeout=self.timeout, **kwargs)
+        except requests.ConnectionError as error:
+            raise ClientError(f"cannot reach TorchServe at {self.url} ({_reason(error)}). Is it running? "
+                              "Start it with scripts/serve.sh") from None
+        except requests.Timeout:
+            raise ClientError(f"TorchServe at {self.url} did not answer within {self.timeout:.0f} s") from None
+
+    def _entries(self, status: int, body: bytes, header_length: str | None, count: int) -> list[dict]:
+        """The per-image entries of one answer; ClientError unless they are there, one per image."""
+        try:
+            answer: Any = _decode(body, header_length)
+        except (ValueError, oip.OipError) as error:
+            raise ClientError(f"TorchServe answered HTTP {status} with a body this client cannot read: {error}") \
+                from None
+        if status != 200:
+            if count == 1 and _is_entry_error(answer):
+                return [answer]  # a one-image request takes its image's status: that is the image's entry
+            raise ClientError(_describe_http(status, answer, self.model))
+        entries = answer.get("predictions") if isinstance(answer, dict) else answer
+        if not isinstance(entries, list) or len(entries) != count or not all(isinstance(e, dict) for e in entries):
+            raise ClientError(f"TorchServe answered {_preview(answer)} for {count} images; expected one entry each")
+        return entries
+
+
+def _decode(body: bytes, header_length: str | None) -> Any:
+    """A JSON answer, or an Open Inference Protocol answer's ``predictions`` as a list of entries."""
+    if header_length is not None:
+        outputs = oip.split_response(body, header_length)
+    else:
+        answer = json.loads(body)
+        if not (isinstance(answer, dict) and "outputs" in answer):
+            return answer
+        outputs = oip.split_response(body, None)
+    if "predictions" not in outputs:
+        raise oip.OipError("the response has no \"predictions\" output")
+    return [json.loads(element) for element in outputs["predictions"].data]
+
+
+def _is_entry_error(answer: Any) -> bool:
+    error = answer.get("error") if isinstance(answer, dict) else None
+    return isinstance(error, dict) and isinstance(error.get("status"), int) and isinstance(error.get("message"), str)
+
+
+def _describe_http(status: int, answer: Any, model: str) -> str:
+    """A person's message for a failed request; TorchServe's own errors are {"code", "type", "message"}."""
+    kind = answer.get("type", "") if isinstance(answer, dict) else ""
+    message = answer.get("message") if isinstance(answer, dict) else None
+    if _is_entry_error(answer):
+        message = answer["error"]["message"]
+    detail = f"HTTP {status}{' ' + kind if kind else ''}: {message or _preview(answer)}"
+    if kind == "InvalidKeyException" or status == 401:
+        return (f"TorchServe refused the inference key ({detail}). Keys expire (token_expiration_min, 60 min by "
+                "default): use the current key_file.json, or restart the server with scripts/serve.sh")
+    if status == 404:
+        return f"TorchServe does not serve a model named {model!r} ({detail}); choose one with --model"
+    if status == 413:
+        return f"the request is too large for the server ({detail}); send fewer or smaller images per request"
+    return f"TorchServe could not answer the request ({detail})"
+
+
+def _describe_grpc(error: Any, target: str) -> str:
+    import grpc
+
+    code, details = error.code(), error.details()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach TorchServe's gRPC API at {target} ({details}). Is it running?"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"TorchServe refused the inference key over gRPC ({details})"
+    return f"TorchServe's gRPC API failed: {code.name}: {details}"
+
+
+def _reason(error: Exception) -> str:
+    text = str(error)
+    return "connection refused" if "refused" in text.lower() else text[:200]
+
+
+def _preview(value: Any, length: int = 200) -> str:
+    text = json.dumps(value) if not isinstance(value, bytes) else repr(value)
+    return text if len(text) <= length else text[:length] + "..."
+
+
+def _size(image: bytes | Path) -> int:
+    return len(image) if isinstance(image, (bytes, bytearray)) else Path(image).stat().st_size
+
+
+def _read(image: bytes | Path) -> bytes:
+    return bytes(image) if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------- one-call helpers
+
+
+def classify(paths: Sequence[bytes | Path], url: str = DEFAULT_URL, model: str = DEFAULT_MODEL,
+             token: str | None = None, timeout: float = 300, transport: str = "multipart") -> list[dict]:
+    """All images in ONE request of the given transport (multipart fields image0..N by default)."""
+    token = token or read_keys()["inference"]
+    with Client(url, model, token, transport, max_images=max(1, len(paths)), max_bytes=2**62,
+                timeout=timeout) as client:
+        return client.classify(paths)
+
+
+def classify_one_per_request(paths: Sequence[bytes | Path], url: str = DEFAULT_URL, model: str = DEFAULT_MODEL,
+                             token: str | None = None, timeout: float = 300, concurrency: int = 32) -> list[dict]:
+    """One raw-body request per image, sent concurrently; TorchServe batches them into one handler call."""
+    token = token or read_keys()["inference"]
+    with Client(url, model, token, "raw", concurrency=concurrency, timeout=timeout) as client:
+        return client.classify(paths)
