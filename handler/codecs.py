@@ -22,10 +22,15 @@ from typing import Any
 from handler import oip
 
 BODY_KEYS = ("body", "data")
-OPTION_KEYS = frozenset({"topk"})  # multipart fields that are options, never images
+OPTION_KEYS = frozenset({"topk", "outputs"})  # multipart fields that are options, never images
 DATA_URI_MARKER = ";base64,"
-# The outputs an Open Inference Protocol request may ask for, and those it gets when it names none.
-OIP_OUTPUTS = ("predictions",)
+# What a request may ask for per image ("outputs": ["topk", "embedding"]); top-k alone when it names none.
+TOPK = "topk"
+EMBEDDING = "embedding"
+OUTPUT_KINDS = (TOPK, EMBEDDING)
+DEFAULT_OUTPUTS = frozenset({TOPK})
+# The outputs an Open Inference Protocol request may ask for (each serves one kind), and its default.
+OIP_OUTPUTS = {"predictions": TOPK, "embeddings": EMBEDDING}
 DEFAULT_OIP_OUTPUTS = ("predictions",)
 # Every body this handler understands is at most 5 levels deep; a deeper one is refused before parsing,
 # because json.loads recurses once per level (100,000 levels raise RecursionError, not a clean error).
@@ -76,6 +81,7 @@ class ParsedRequest:
     topk: int | None = None
     request_id: str | None = None  # KServe v2 echoes the caller's id
     outputs: tuple[oip.RequestedOutput, ...] = ()  # KServe v2: the outputs to answer, each JSON or binary
+    kinds: frozenset[str] = DEFAULT_OUTPUTS  # what each image's entry holds: topk, embedding, or both
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ def parse_request(row: Mapping[str, Any], limits: Limits, header_length: str | N
     if not isinstance(row, Mapping):
         raise RequestError(400, "the request could not be read")
     topk = _parse_topk(row.get("topk"), limits)
+    kinds = _parse_output_kinds(row.get("outputs"))
     image_fields = [(key, value) for key, value in row.items() if key not in OPTION_KEYS]
     if not image_fields:
         raise RequestError(400, "the request contains no image: send the image as the body, as multipart "
@@ -108,6 +115,8 @@ def parse_request(row: Mapping[str, Any], limits: Limits, header_length: str | N
         parsed = ParsedRequest([_field_payload(key, value, limits) for key, value in image_fields], "plain")
     if topk is not None:
         parsed = replace(parsed, topk=topk)
+    if kinds is not None:
+        parsed = replace(parsed, kinds=kinds)
     return parsed
 
 
@@ -182,20 +191,21 @@ def _split_json_body(body: bytes | bytearray, header_length: str | None) -> tupl
 
 def _parse_json_object(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     topk = _parse_topk(body.get("topk"), limits)
+    kinds = _parse_output_kinds(body.get("outputs")) or DEFAULT_OUTPUTS
     if "images" in body:
         images = body["images"]
         if not isinstance(images, list):
             raise RequestError(400, "\"images\" must be a list of base64 strings")
         _check_count(len(images), limits)
-        return ParsedRequest([_json_item_payload(item, i, limits) for i, item in enumerate(images)], "plain", topk)
+        payloads = [_json_item_payload(item, i, limits) for i, item in enumerate(images)]
+        return ParsedRequest(payloads, "plain", topk, kinds=kinds)
     if "instances" in body:
         instances = body["instances"]
         if not isinstance(instances, list):
             raise RequestError(400, "\"instances\" must be a list like [{\"data\": \"<base64>\"}]")
         _check_count(len(instances), limits)
-        return ParsedRequest(
-            [_kserve_v1_payload(item, i, limits) for i, item in enumerate(instances)], "kserve_v1", topk
-        )
+        payloads = [_kserve_v1_payload(item, i, limits) for i, item in enumerate(instances)]
+        return ParsedRequest(payloads, "kserve_v1", topk, kinds=kinds)
     raise RequestError(
         400,
         "unrecognised JSON body: expected {\"images\": [...]}, KServe v1 {\"instances\": [...]} "
@@ -215,13 +225,18 @@ def _parse_kserve_v2(body: Mapping[str, Any], binary: memoryview, limits: Limits
     items = [item for tensor in request.inputs for item in tensor.data]
     _check_count(len(items), limits)
     payloads = [_oip_item_payload(item, i, limits) for i, item in enumerate(items)]
-    return ParsedRequest(payloads, "kserve_v2", topk, request.id, _resolve_outputs(request))
+    outputs = _resolve_outputs(request)
+    kinds = frozenset(OIP_OUTPUTS[output.name] for output in outputs)
+    return ParsedRequest(payloads, "kserve_v2", topk, request.id, outputs, kinds)
 
 
 def _resolve_outputs(request: oip.InferRequest) -> tuple[oip.RequestedOutput, ...]:
     """The outputs to answer, each decided JSON or binary (an output's binary_data beats binary_data_output)."""
     if request.outputs is None:
         return tuple(oip.RequestedOutput(name, request.binary_output) for name in DEFAULT_OIP_OUTPUTS)
+    if not request.outputs:
+        raise RequestError(400, f"\"outputs\" is empty: name one or more of {', '.join(OIP_OUTPUTS)}, or leave it "
+                                f"out for predictions")
     unknown = [output.name for output in request.outputs if output.name not in OIP_OUTPUTS]
     if unknown:
         raise RequestError(400, f"unknown output {unknown[0]!r}; this model answers {', '.join(OIP_OUTPUTS)}")
@@ -285,6 +300,22 @@ def _base64_payload(text: str, label: int | str, limits: Limits) -> Payload:
     except (binascii.Error, ValueError):
         return ImageError(400, f"image {label} is not valid base64")
     return _raw_payload(data, label, limits)
+
+
+def _parse_output_kinds(value: Any) -> frozenset[str] | None:
+    """The "outputs" option: a JSON list of names, or comma-separated names (a multipart field)."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    names = [name.strip() for name in value.split(",")] if isinstance(value, str) else value
+    expected = f"outputs must name one or more of {', '.join(OUTPUT_KINDS)}, e.g. [\"topk\", \"embedding\"]"
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+        raise RequestError(400, f"{expected}; got {_preview(value)}")
+    unknown = [name for name in names if name not in OUTPUT_KINDS]
+    if unknown:
+        raise RequestError(400, f"{expected}; {_preview(unknown[0])} is not one of them")
+    return frozenset(names)
 
 
 def _parse_topk(value: Any, limits: Limits) -> int | None:

@@ -73,10 +73,11 @@ class HandlerConfig:
     torch_threads: int = 0  # 0: derived from the cores and max_workers
     warmup: bool = True
 
-    # Model definition.
+    # Model definition and outputs.
     architecture: str = "resnet50"
     num_classes: int = 1000
     topk: int = 5
+    embedding_normalize: bool = True  # embeddings come L2-normalised (cosine similarity = dot product)
 
     # Limits against hostile or oversized input.
     max_images_per_request: int = 64

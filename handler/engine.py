@@ -1,9 +1,10 @@
-"""The server-independent inference engine: payloads in, top-k predictions out, one per payload.
+"""The server-independent inference engine: payloads in, one prediction (top-k, embedding) per payload.
 
 Pipeline per call:
   decode pool (uint8 crops, in order) -> reusable pinned uint8 staging buffer (NHWC) -> one non_blocking
   copy -> on-device normalize (mean/std pre-scaled by 255) -> model under inference_mode, in chunks of at
-  most max_batch padded to a bucket -> softmax top-k -> non_blocking copy into pinned host memory.
+  most max_batch padded to a bucket -> the output stage (softmax top-k, embeddings: handler.outputs) ->
+  non_blocking copy into pinned host memory.
 
 While chunk k runs on the device, the pool keeps decoding and chunk k+1 is staged into the other buffer;
 the results of chunk k are read after chunk k+1 is launched, by waiting on chunk k's own fence, which
@@ -24,16 +25,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from handler.codecs import ImageError, Payload
+from handler.codecs import DEFAULT_OUTPUTS, OUTPUT_KINDS, TOPK, ImageError, Payload
 from handler.config import ConfigError, HandlerConfig
 from handler.device import DeviceLost, DeviceRuntime, PendingHost, StagingBuffers
 from handler.device_decode import DeviceJpegDecoder
-from handler.model import model_dtype
+from handler.model import eager_model, model_dtype
+from handler.outputs import (
+    Forward,
+    Prediction,
+    Request,
+    TopK,
+    outputs_on_device,
+    predictions_on_host,
+)
 from handler.preprocess import Decoded, Preprocessor, transform_spec
 
 logger = logging.getLogger(__name__)
 
-TopK = list[tuple[int, float]]  # (class index, probability), best first
 ChunkOutputs = dict[str, torch.Tensor]  # output name -> tensor with one row per image of the chunk
 DEFAULT_CUDA_BUCKETS = (1, 8, 32)
 # Without buckets (CPU), the first forward at each new batch size builds new oneDNN kernels (~1 s for
@@ -102,11 +110,6 @@ class _Chunk:
         return len(self.device_positions) + len(self.host_positions)
 
 
-def topk_entries(lists: dict[str, list]) -> list[TopK]:
-    return [list(zip(indices, scores, strict=True)) for scores, indices in zip(lists["scores"], lists["indices"],
-                                                                               strict=True)]
-
-
 class InferenceEngine:
     def __init__(
         self,
@@ -125,6 +128,8 @@ class InferenceEngine:
         self.preprocessor = preprocessor or Preprocessor(config)
         self.device_decoder = device_decoder or device_decoder_for(config, device, self.runtime)
         self.buckets = resolve_buckets(config, device)
+        # The width of the model's embeddings; None when it gives logits only (see handler.outputs).
+        self.embedding_size: int | None = getattr(eager_model(model), "embedding_size", None)
         self.last_timings = Timings()
         self.staging = StagingBuffers(self.runtime, 2, (config.max_batch, config.crop_size, config.crop_size, 3))
         self._mean = torch.tensor(config.mean, device=device).mul(255).view(1, 3, 1, 1)
@@ -138,10 +143,11 @@ class InferenceEngine:
         small = range(1, min(CPU_WARMUP_SMALL_SIZES, self.config.max_batch) + 1)
         sizes = list(self.buckets) or sorted({*small, self.config.max_batch})
         crop = self.config.crop_size
+        request = self._request(self.config.topk, self.output_kinds)
         with torch.inference_mode():
             for size in sizes:
                 self._forward(torch.zeros((size, crop, crop, 3), dtype=torch.uint8, device=self.device), size,
-                              self.config.topk)
+                              request)
         if self.device_decoder is not None and not self.device_decoder.warm_up(sizes):
             logger.warning("device JPEG decoding (%s) failed its start-up check; every image is decoded on the CPU",
                            self.device_decoder.backend.name)
@@ -150,17 +156,32 @@ class InferenceEngine:
             torch.cuda.synchronize(self.device)
         return sizes
 
+    @property
+    def output_kinds(self) -> frozenset[str]:
+        """The outputs this model can give: top-k always, embeddings when it has a Linear head."""
+        return frozenset(OUTPUT_KINDS) if self.embedding_size else frozenset({TOPK})
+
     def predict(self, payloads: Sequence[Payload], topk: int | None = None) -> list[TopK | ImageError]:
-        """One result per payload, in order: its top-k, or the ImageError that explains its failure.
+        """One result per payload, in order: its top-k, or the ImageError that explains its failure."""
+        return [result if isinstance(result, ImageError) else result[TOPK]
+                for result in self.predict_outputs(payloads, topk, DEFAULT_OUTPUTS)]
+
+    def predict_outputs(self, payloads: Sequence[Payload], topk: int | None = None,
+                        kinds: frozenset[str] = DEFAULT_OUTPUTS) -> list[Prediction | ImageError]:
+        """One result per payload, in order: {kind: value} for the output kinds asked for (one forward serves
+        them all), or the ImageError that explains the image's failure.
 
         Raises DeviceLost when a failure left the device unusable.
         """
-        topk = topk or self.config.topk
+        unavailable = set(kinds) - self.output_kinds
+        if unavailable:
+            raise ValueError(f"this model cannot give {', '.join(sorted(unavailable))}")
+        request = self._request(topk or self.config.topk, frozenset(kinds))
         timings = Timings(images=len(payloads))
-        results: list[TopK | ImageError | None] = [None] * len(payloads)
+        results: list[Prediction | ImageError | None] = [None] * len(payloads)
         try:
             with torch.inference_mode():
-                self._run(payloads, topk, results, timings)
+                self._run(payloads, request, results, timings)
         except DeviceLost:
             raise
         except Exception as error:  # a device error can surface anywhere (a stream sync, an event): judge it too
@@ -172,19 +193,22 @@ class InferenceEngine:
         self.last_timings = timings
         return results  # type: ignore[return-value]
 
-    def _run(self, payloads: Sequence[Payload], topk: int, results: list, timings: Timings) -> None:
+    def _request(self, topk: int, kinds: frozenset[str]) -> Request:
+        return Request(kinds=kinds, topk=topk, normalize_embeddings=self.config.embedding_normalize)
+
+    def _run(self, payloads: Sequence[Payload], request: Request, results: list, timings: Timings) -> None:
         """Launch chunk k, then collect chunk k-1: its results are read while chunk k runs."""
         pending: tuple[_Chunk, PendingHost] | None = None
         for chunk in self._chunks(self._decoded(payloads), results, timings):
             started = time.perf_counter()
-            launched = self._guarded(self._launch, chunk, results, chunk, topk)
+            launched = self._guarded(self._launch, chunk, results, chunk, request)
             if pending is not None:
-                self._guarded(self._collect, pending[0], results, *pending, results)
+                self._guarded(self._collect, pending[0], results, *pending, results, request)
             pending = None if launched is None else (chunk, launched)
             timings.inference += time.perf_counter() - started
         if pending is not None:
             started = time.perf_counter()
-            self._guarded(self._collect, pending[0], results, *pending, results)
+            self._guarded(self._collect, pending[0], results, *pending, results, request)
             timings.inference += time.perf_counter() - started
 
     def _decoded(self, payloads: Sequence[Payload]) -> Iterator[Decoded | torch.Tensor]:
@@ -240,8 +264,8 @@ class InferenceEngine:
         index, staging = self.staging.take()  # waits until the copy that last read this buffer completed
         return _Chunk(number=number, staging_index=index, staging=staging)
 
-    def _launch(self, chunk: _Chunk, topk: int) -> PendingHost:
-        outputs = self._forward(self._assemble(chunk), len(chunk), topk)
+    def _launch(self, chunk: _Chunk, request: Request) -> PendingHost:
+        outputs = self._forward(self._assemble(chunk), len(chunk), request)
         return self.runtime.to_host(outputs, f"results[{chunk.number}]")
 
     def _assemble(self, chunk: _Chunk) -> torch.Tensor:
@@ -272,13 +296,13 @@ class InferenceEngine:
             images = images.contiguous()
         return images.to(self.dtype)
 
-    def _forward(self, batch_nhwc: torch.Tensor, count: int, topk: int) -> ChunkOutputs:
+    def _forward(self, batch_nhwc: torch.Tensor, count: int, request: Request) -> ChunkOutputs:
         images = self.normalize(batch_nhwc)
         with torch.inference_mode():
-            logits = self.model(images)
-        probabilities = torch.softmax(logits[:count].float(), dim=1)
-        scores, indices = torch.topk(probabilities, topk, dim=1)
-        return {"scores": scores, "indices": indices}
+            output = self.model(images)
+        features, logits = output if isinstance(output, tuple) else (None, output)
+        forward = Forward(logits[:count], None if features is None else features[:count])
+        return outputs_on_device(forward, request)
 
     def _guarded(self, step, chunk: _Chunk, results: list, *args):
         """Run one device step; if it fails, only that chunk's images get a 500 and the rest go on, unless
@@ -293,9 +317,10 @@ class InferenceEngine:
             return None
 
     @staticmethod
-    def _collect(chunk: _Chunk, pending: PendingHost, results: list) -> None:
-        for position, entry in zip(chunk.positions, topk_entries(pending.lists()), strict=True):
-            results[position] = entry
+    def _collect(chunk: _Chunk, pending: PendingHost, results: list, request: Request) -> None:
+        predictions = predictions_on_host(pending.lists(), request.kinds, len(chunk))
+        for position, prediction in zip(chunk.positions, predictions, strict=True):
+            results[position] = prediction
 
     def close(self) -> None:
         self.preprocessor.close()

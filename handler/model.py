@@ -11,6 +11,7 @@ import torch
 
 from handler.architectures import TORCHSCRIPT, build_architecture
 from handler.config import ConfigError, HandlerConfig
+from handler.outputs import split_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,11 @@ def random_state_dict(name: str, num_classes: int, seed: int) -> dict[str, torch
 
 
 def load_model(config: HandlerConfig, weights_path: Path, device: torch.device) -> torch.nn.Module:
-    """Load weights (state_dict, or TorchScript when architecture is 'torchscript') in eval mode."""
+    """Load weights (state_dict, or TorchScript when architecture is 'torchscript') in eval mode.
+
+    A model with a final Linear head comes split (handler.outputs.SplitClassifier): one forward gives its
+    pooled features (the embedding) and its logits.
+    """
     if config.architecture == TORCHSCRIPT:
         model = torch.jit.load(str(weights_path), map_location="cpu")
     else:
@@ -59,6 +64,7 @@ def load_model(config: HandlerConfig, weights_path: Path, device: torch.device) 
             raise ConfigError(f"{weights_path.name} must hold a state_dict (torch.save(model.state_dict(), ...))")
         check_weights_fit(model, state_dict, config.architecture)
         model.load_state_dict(state_dict)
+        model = split_classifier(model, config.num_classes) or model
     model = model.to(device=device, dtype=model_dtype(config, device)).eval()
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -19,6 +19,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler import oip
 from handler.codecs import (
+    EMBEDDING,
+    TOPK,
     ImageError,
     Limits,
     ParsedRequest,
@@ -29,7 +31,7 @@ from handler.codecs import (
 )
 from handler.config import HandlerConfig
 from handler.device import DeviceLost, end_process
-from handler.engine import InferenceEngine, Timings, TopK
+from handler.engine import InferenceEngine, Timings
 from handler.model import (
     LABELS_FILE,
     compile_or_eager,
@@ -40,6 +42,7 @@ from handler.model import (
     resolve_device,
     warn_if_untrained,
 )
+from handler.outputs import Prediction, TopK
 from handler.server_metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -140,7 +143,8 @@ class ImageBatchHandler(BaseHandler):
         accepted = [request for request in requests if isinstance(request, ParsedRequest)]
         payloads = [payload for request in accepted for payload in request.payloads]
         topk = max((request.topk or self.config.topk for request in accepted), default=1)
-        results = self._predict(payloads, topk)
+        kinds = frozenset().union(*(request.kinds for request in accepted))
+        results = self._predict(payloads, topk, kinds)
 
         responses = []
         offset = 0
@@ -158,18 +162,23 @@ class ImageBatchHandler(BaseHandler):
 
     def _parse(self, row: Any, index: int, context: Any) -> ParsedRequest | RequestError:
         try:
-            return parse_request(row, self.limits, _request_header(context, index, oip.HEADER_LENGTH))
+            request = parse_request(row, self.limits, _request_header(context, index, oip.HEADER_LENGTH))
+            if not request.kinds <= self.engine.output_kinds:
+                raise RequestError(400, f"this model gives {', '.join(sorted(self.engine.output_kinds))} only: its "
+                                        f"architecture ({self.config.architecture}) has no Linear head to take "
+                                        f"embeddings from")
+            return request
         except RequestError as error:
             return error
         except Exception:  # a bug of ours, met by this request only: it alone gets a 500
             logger.exception("could not parse request %d of the batch", index)
             return RequestError(500, "the server failed to read this request; see the server log")
 
-    def _predict(self, payloads: list[Payload], topk: int) -> list[TopK | ImageError]:
+    def _predict(self, payloads: list[Payload], topk: int, kinds: frozenset[str]) -> list[Prediction | ImageError]:
         if not payloads:
             return []
         try:
-            return self.engine.predict(payloads, topk)
+            return self.engine.predict_outputs(payloads, topk, kinds)
         except DeviceLost:  # every later batch would fail too, and TorchServe restarts only a worker that exits
             logger.critical("the GPU is unusable after a CUDA error; ending this worker so that TorchServe "
                             "starts a fresh one", exc_info=True)
@@ -178,18 +187,18 @@ class ImageBatchHandler(BaseHandler):
             logger.exception("the engine failed on a batch of %d images", len(payloads))
             return [ImageError(500, "inference failed for this image; see the server log")] * len(payloads)
 
-    def _encode(self, request: ParsedRequest, results: list[TopK | ImageError], index: int,
+    def _encode(self, request: ParsedRequest, results: list[Prediction | ImageError], index: int,
                 context: Any) -> str | bytes:
         """The response body of one request, serialized here so that no value can fail the batch later."""
         try:
             if len(results) == 1 and isinstance(results[0], ImageError):
                 return self._error_response(results[0], index, context)
-            topk = request.topk or self.config.topk
-            entries = [
-                result.to_json() if isinstance(result, ImageError) else {"topk": self._labelled(result[:topk])}
-                for result in results
-            ]
-            response = encode_response(request, entries, self.model_name)
+            entries = [result.to_json() if isinstance(result, ImageError) else self._entry(request, result)
+                       for result in results]
+            tensors = {}
+            if any(output.name == "embeddings" for output in request.outputs):
+                tensors["embeddings"] = embeddings_tensor(results, self.engine.embedding_size or 0)
+            response = encode_response(request, entries, self.model_name, tensors)
         except Exception:
             logger.exception("could not encode the response of request %d", index)
             return self._error_response(RequestError(500, "the server failed to encode this response; see the "
@@ -199,6 +208,15 @@ class ImageBatchHandler(BaseHandler):
             context.set_response_header(index, name, value)
         return response.body
 
+    def _entry(self, request: ParsedRequest, prediction: Prediction) -> dict[str, Any]:
+        """One image's entry: the outputs its request asked for, in JSON (embeddings as float32 text)."""
+        entry: dict[str, Any] = {}
+        if TOPK in request.kinds:
+            entry[TOPK] = self._labelled(prediction[TOPK][: request.topk or self.config.topk])
+        if EMBEDDING in request.kinds and request.envelope != "kserve_v2":  # OIP: the "embeddings" tensor
+            entry[EMBEDDING] = [float(f"{value:.9g}") for value in prediction[EMBEDDING]]
+        return entry
+
     @staticmethod
     def _error_response(error: ImageError | RequestError, index: int, context: Any) -> str:
         context.set_response_status(error.status, error.message, index)
@@ -207,6 +225,13 @@ class ImageBatchHandler(BaseHandler):
 
     def _labelled(self, topk: TopK) -> list[dict[str, Any]]:
         return [{"label": self.labels[i], "index": i, "score": round(score, 6)} for i, score in topk]
+
+
+def embeddings_tensor(results: list[Prediction | ImageError], size: int) -> oip.Tensor:
+    """The Open Inference Protocol ``embeddings`` output: FP32 [images, size]; a failed image's row is zeros
+    (a real embedding is unit length), its error is in the ``predictions`` output."""
+    rows = [[0.0] * size if isinstance(result, ImageError) else result[EMBEDDING] for result in results]
+    return oip.Tensor("embeddings", oip.FP32, (len(rows), size), [value for row in rows for value in row])
 
 
 def _request_header(context: Any, index: int, name: str) -> str | None:

@@ -4,6 +4,7 @@
     python scripts/client.py photo.jpg more_photos/              # a readable line per image
     python scripts/client.py --jsonl more_photos/ > answers.jsonl   # one JSON object per image, nothing else
     python scripts/client.py --model NAME --url http://HOST:8080 --key-file PATH photo.jpg
+    python scripts/client.py --outputs embedding --jsonl photos/ > vectors.jsonl   # image embeddings
 
 Works from any directory: the key file is --key-file, else ./key_file.json, else the repo root's (where
 scripts/serve.sh starts TorchServe). By default images travel as Open Inference Protocol binary
@@ -29,6 +30,7 @@ from ts_client import (
     DEFAULT_MODEL,
     DEFAULT_TRANSPORT,
     DEFAULT_URL,
+    OUTPUTS,
     TRANSPORTS,
     Client,
     ClientError,
@@ -62,6 +64,9 @@ class Progress:
 def readable(path: Path, entry: dict) -> str:
     if "error" in entry:
         return f"{path}: error {entry['error'].get('status')}: {entry['error'].get('message')}"
+    if "topk" not in entry:
+        vector = entry["embedding"]
+        return f"{path}: embedding of {len(vector)} values [{', '.join(f'{v:.4f}' for v in vector[:4])}, ...]"
     best, *others = entry["topk"]
     runners_up = ", ".join(f"{item['label']} {item['score']:.3f}" for item in others[:2])
     return f"{path}: {best['label']} ({best['score']:.3f})" + (f"   [then {runners_up}]" if runners_up else "")
@@ -76,6 +81,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--jsonl", action="store_true",
                         help='print one JSON object per image, {"file": ..., plus its entry}, and nothing else')
     parser.add_argument("--topk", type=int, help="classes per image (default: the server's, 5)")
+    parser.add_argument("--outputs", default="topk", help="what to ask for per image: topk, embedding, or "
+                                                          "topk,embedding (default topk)")
     parser.add_argument("--transport", choices=TRANSPORTS, default=DEFAULT_TRANSPORT,
                         help=f"how images travel (default {DEFAULT_TRANSPORT})")
     parser.add_argument("--one-per-request", dest="transport", action="store_const", const="raw",
@@ -91,8 +98,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"no such file or directory: {', '.join(missing)}")
     if min(args.max_images, args.max_bytes, args.concurrency) < 1 or (args.topk is not None and args.topk < 1):
         parser.error("--max-images, --max-bytes, --concurrency and --topk must be at least 1")
-    if args.topk is not None and args.transport == "raw":
-        parser.error("--topk cannot travel with raw bodies (--one-per-request); choose another --transport")
+    args.outputs = tuple(name.strip() for name in args.outputs.split(","))
+    if not set(args.outputs) <= set(OUTPUTS):
+        parser.error(f"--outputs takes {', '.join(OUTPUTS)} (comma-separated); got {','.join(args.outputs)}")
+    if (args.topk is not None or args.outputs != ("topk",)) and args.transport == "raw":
+        parser.error("--topk and --outputs cannot travel with raw bodies (--one-per-request); choose another "
+                     "--transport")
     return args
 
 
@@ -109,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ClientError("the key file has no inference key")
         progress = Progress(len(files))
         with Client(args.url, args.model, keys["inference"], args.transport, args.max_images, args.max_bytes,
-                    args.concurrency, args.topk, args.timeout, args.grpc_address) as client:
+                    args.concurrency, args.topk, args.timeout, args.grpc_address, args.outputs) as client:
             try:
                 entries = client.classify(files, progress=progress)
             finally:
@@ -124,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"file": str(path), **entry}) if args.jsonl else readable(path, entry))
     failed = sum("error" in entry for entry in entries)
     images = f"{len(files)} image{'s' if len(files) != 1 else ''}"
-    print(f"{images}: {len(files) - failed} classified, {failed} with an error ({time.monotonic() - started:.1f} s)",
+    print(f"{images}: {len(files) - failed} answered, {failed} with an error ({time.monotonic() - started:.1f} s)",
           file=sys.stderr)
     return 0
 

@@ -4,6 +4,7 @@
     client = Client(token=read_keys()["inference"])        # the server scripts/serve.sh starts
     entries = client.classify([Path("a.jpg"), Path("b.png")])
     # one entry per image, in input order: {"topk": [...]} or {"error": {"status", "message"}}
+    vectors = Client(token=..., outputs=("embedding",)).classify(paths)   # {"embedding": [...]} per image
 
 By default a batch travels as Open Inference Protocol binary requests (raw image bytes after a small
 JSON header: nothing to base64-encode, nothing for TorchServe's frontend to parse), split into
@@ -40,6 +41,7 @@ KEY_FILE_NAME = "key_file.json"
 # multipart: fields image0..; raw: one image per request as the body; grpc: OIP binary over TorchServe's gRPC API.
 TRANSPORTS = ("oip-binary", "oip-json", "json", "multipart", "raw", "grpc")
 DEFAULT_TRANSPORT = "oip-binary"
+OUTPUTS = ("topk", "embedding")  # what an entry may hold: the top-k classes, the image's embedding
 # Split so that no request is big: TorchServe's frontend moves one 100 MB body at ~55 MB/s but 16 bodies of
 # 6.5 MB at ~300 MB/s (docs/benchmarks.md). Small photos: one request of up to 32 images is as fast as any split.
 DEFAULT_MAX_IMAGES = 32  # images per request; the server's own limit is max_images_per_request (64)
@@ -97,13 +99,16 @@ class Client:
     def __init__(self, url: str = DEFAULT_URL, model: str = DEFAULT_MODEL, token: str | None = None,
                  transport: str = DEFAULT_TRANSPORT, max_images: int = DEFAULT_MAX_IMAGES,
                  max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = DEFAULT_CONCURRENCY,
-                 topk: int | None = None, timeout: float = 300, grpc_address: str | None = None) -> None:
+                 topk: int | None = None, timeout: float = 300, grpc_address: str | None = None,
+                 outputs: Sequence[str] = ("topk",)) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {transport!r}")
         if min(max_images, max_bytes, concurrency) < 1:
             raise ValueError("max_images, max_bytes and concurrency must be at least 1")
-        if topk is not None and transport == "raw":
-            raise ValueError("topk cannot travel with a raw body; choose another transport")
+        if not outputs or not set(outputs) <= set(OUTPUTS):
+            raise ValueError(f"outputs must name one or more of {', '.join(OUTPUTS)}; got {list(outputs)}")
+        if (topk is not None or set(outputs) != {"topk"}) and transport == "raw":
+            raise ValueError("options (topk, outputs) cannot travel with a raw body; choose another transport")
         self.url = url.rstrip("/")
         self.model = model
         self.transport = transport
@@ -111,6 +116,7 @@ class Client:
         self.max_bytes = max_bytes
         self.concurrency = concurrency
         self.topk = topk
+        self.outputs = tuple(outputs)
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
@@ -174,13 +180,14 @@ class Client:
                 headers[oip.HEADER_LENGTH] = str(length)
             response = self._post(url, data=body, headers=headers)
         elif self.transport == "json":
-            body = {"images": [base64.b64encode(p).decode() for p in payloads]}
+            body = {"images": [base64.b64encode(p).decode() for p in payloads], "outputs": list(self.outputs)}
             if self.topk is not None:
                 body["topk"] = self.topk
             response = self._post(url, json=body, headers=headers)
         elif self.transport == "multipart":
             files: dict[str, Any] = {f"image{i}": (f"image{i}", p, "application/octet-stream")
                                      for i, p in enumerate(payloads)}
+            files["outputs"] = (None, ",".join(self.outputs))
             if self.topk is not None:
                 files["topk"] = (None, str(self.topk))
             response = self._post(url, files=files, headers=headers)
@@ -190,19 +197,23 @@ class Client:
         return self._entries(response.status_code, response.content, response.headers.get(oip.HEADER_LENGTH),
                              len(payloads))
 
-    def _oip_body(self, payloads: list[bytes], binary: bool) -> tuple[bytes, int | None]:
+    def _oip_body(self, payloads: list[bytes], binary: bool, binary_outputs: bool | None = None
+                  ) -> tuple[bytes, int | None]:
+        """An OIP request. ``predictions`` is always asked for: it carries each failed image's error."""
         data = payloads if binary else [base64.b64encode(p).decode() for p in payloads]
         tensor = oip.Tensor("images", oip.BYTES, (len(payloads),), data)
         parameters = {"topk": self.topk} if self.topk is not None else None
-        return oip.build_request([tensor], binary, [oip.RequestedOutput("predictions", binary)], parameters)
+        as_binary = binary if binary_outputs is None else binary_outputs
+        outputs = [oip.RequestedOutput("predictions", as_binary)]
+        if "embedding" in self.outputs:
+            outputs.append(oip.RequestedOutput("embeddings", as_binary))
+        return oip.build_request([tensor], binary, outputs, parameters)
 
     def _send_grpc(self, payloads: list[bytes]) -> list[dict]:
         import grpc
 
         # JSON output: gRPC carries no response headers, so a binary response's header length would be lost.
-        tensor = oip.Tensor("images", oip.BYTES, (len(payloads),), payloads)
-        parameters = {"topk": self.topk} if self.topk is not None else None
-        body, _ = oip.build_request([tensor], True, [oip.RequestedOutput("predictions", False)], parameters)
+        body, _ = self._oip_body(payloads, binary=True, binary_outputs=False)
         try:
             answer = self._grpc.predict(self.model, {"body": body}, timeout=self.timeout)
         except grpc.RpcError as error:
@@ -241,11 +252,14 @@ class Client:
         entries = answer.get("predictions") if isinstance(answer, dict) else answer
         if not isinstance(entries, list) or len(entries) != count or not all(isinstance(e, dict) for e in entries):
             raise ClientError(f"TorchServe answered {_preview(answer)} for {count} images; expected one entry each")
+        if "topk" not in self.outputs:  # an OIP answer's predictions carry top-k beside the errors
+            entries = [{k: v for k, v in entry.items() if k != "topk"} for entry in entries]
         return entries
 
 
 def _decode(body: bytes, header_length: str | None) -> Any:
-    """A JSON answer, or an Open Inference Protocol answer's ``predictions`` as a list of entries."""
+    """A JSON answer, or an Open Inference Protocol answer as a list of entries: its ``predictions``, with
+    each good image's row of the ``embeddings`` output (when asked for) as the entry's "embedding"."""
     if header_length is not None:
         outputs = oip.split_response(body, header_length)
     else:
@@ -255,7 +269,14 @@ def _decode(body: bytes, header_length: str | None) -> Any:
         outputs = oip.split_response(body, None)
     if "predictions" not in outputs:
         raise oip.OipError("the response has no \"predictions\" output")
-    return [json.loads(element) for element in outputs["predictions"].data]
+    entries = [json.loads(element) for element in outputs["predictions"].data]
+    if "embeddings" in outputs:
+        tensor = outputs["embeddings"]
+        width = tensor.shape[1] if len(tensor.shape) == 2 else 0
+        for row, entry in enumerate(entries):
+            if "error" not in entry:
+                entry["embedding"] = list(tensor.data[row * width: (row + 1) * width])
+    return entries
 
 
 def _is_entry_error(answer: Any) -> bool:

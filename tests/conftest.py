@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,6 +74,29 @@ def small_model() -> torch.nn.Module:
     import torchvision
 
     return torchvision.models.resnet18(weights=None, num_classes=1000).eval()
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory) -> Path:
+    """The demo archive, built once by build_mar.py as a user's scripts/serve.sh builds it."""
+    store = tmp_path_factory.mktemp("demo_store")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_mar.py"), "--export-path", str(store)],
+                   check=True, capture_output=True)
+    assert (store / f"{DEMO_MODEL_NAME}.mar").exists()
+    return store
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_store, request):
+    """One real TorchServe (token auth on, free loopback ports) serving the demo, shared by the test modules
+    that leave its state as they found it."""
+    from ts_server import TorchServe
+
+    server = TorchServe(demo_store, [f"{DEMO_MODEL_NAME}.mar"])
+    server.start()
+    yield server
+    server.stop()
+    keep_logs_if_failed(server, request)
 
 
 def keep_logs_if_failed(server, request) -> None:

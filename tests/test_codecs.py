@@ -238,3 +238,39 @@ def test_oip_binary_response_is_read_by_tritonclient():
     result = triton.InferResult.from_response_body(response.body, header_length=length)
     assert [json.loads(item) for item in result.as_numpy("predictions")] == entries
     assert result.get_response()["id"] == "r2"
+
+
+@pytest.mark.parametrize(("row", "kinds"), [
+    ({"body": {"images": [b64(JPEG)]}}, {"topk"}),
+    ({"body": {"images": [b64(JPEG)], "outputs": ["embedding"]}}, {"embedding"}),
+    ({"body": {"images": [b64(JPEG)], "outputs": ["topk", "embedding"]}}, {"topk", "embedding"}),
+    ({"body": {"instances": [{"data": b64(JPEG)}], "outputs": ["embedding"]}}, {"embedding"}),
+    ({"a": bytearray(JPEG), "outputs": bytearray(b"embedding, topk")}, {"topk", "embedding"}),
+    ({"a": bytearray(JPEG), "outputs": "embedding"}, {"embedding"}),
+    ({"body": {"images": [b64(JPEG)], "outputs": "topk,embedding"}}, {"topk", "embedding"}),  # as in multipart
+    ({"body": {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [b64(JPEG)]}],
+               "outputs": [{"name": "embeddings"}]}}, {"embedding"}),
+    ({"body": {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [b64(JPEG)]}],
+               "outputs": [{"name": "predictions"}, {"name": "embeddings"}]}}, {"topk", "embedding"}),
+    ({"body": {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [b64(JPEG)]}]}}, {"topk"}),
+])
+def test_a_request_chooses_its_outputs(row, kinds):
+    parsed = parse_request(row, LIMITS)
+    assert parsed.kinds == kinds
+    assert parsed.payloads == [JPEG]
+
+
+@pytest.mark.parametrize(("row", "fragment"), [
+    ({"body": {"images": [b64(JPEG)], "outputs": ["labels"]}}, "'labels' is not one of them"),
+    ({"body": {"images": [b64(JPEG)], "outputs": []}}, "outputs must name one or more of topk, embedding"),
+    ({"body": {"images": [b64(JPEG)], "outputs": [3]}}, "outputs must name one or more"),
+    ({"a": bytearray(JPEG), "outputs": bytearray(b"topk,,embedding")}, "'' is not one of them"),
+    ({"body": {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [b64(JPEG)]}],
+               "outputs": []}}, "\"outputs\" is empty"),
+    ({"body": {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [b64(JPEG)]}],
+               "outputs": [{"name": "embedding"}]}}, "unknown output 'embedding'"),
+])
+def test_unknown_or_malformed_output_choices_are_refused(row, fragment):
+    with pytest.raises(RequestError) as error:
+        parse_request(row, LIMITS)
+    assert error.value.status == 400 and fragment in error.value.message

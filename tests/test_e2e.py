@@ -2,8 +2,6 @@
 
 import base64
 import socket
-import subprocess
-import sys
 import time
 import zipfile
 
@@ -12,7 +10,7 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import DEMO_MODEL_NAME, REPO, keep_logs_if_failed
+from conftest import DEMO_MODEL_NAME
 from reference import reference_probabilities, timm_transform
 from traffic import Traffic, scale_out_and_back
 from ts_client import classify, classify_one_per_request
@@ -29,21 +27,13 @@ COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug
 
 
 @pytest.fixture(scope="module")
-def model_store(tmp_path_factory):
-    store = tmp_path_factory.mktemp("model_store")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "build_mar.py"), "--export-path", str(store)],
-                   check=True, capture_output=True)
-    assert (store / f"{MODEL}.mar").exists()
-    return store
+def model_store(demo_store):
+    return demo_store
 
 
 @pytest.fixture(scope="module")
-def server(model_store, request):
-    server = TorchServe(model_store, [f"{MODEL}.mar"])
-    server.start()
-    yield server
-    server.stop()
-    keep_logs_if_failed(server, request)
+def server(demo_server):
+    return demo_server
 
 
 @pytest.fixture(scope="module")

@@ -235,10 +235,10 @@ def test_a_response_that_cannot_be_encoded_fails_alone(handler, model_dir, image
 
     real_encode = torchserve_handler.encode_response
 
-    def encode_or_explode(request, entries, model_name):
+    def encode_or_explode(request, entries, model_name, tensors=None):
         if request.envelope == "kserve_v1":
             entries = [{**entry, "unserializable": object()} for entry in entries]
-        return real_encode(request, entries, model_name)
+        return real_encode(request, entries, model_name, tensors)
 
     monkeypatch.setattr(torchserve_handler, "encode_response", encode_or_explode)
     rows = [{"body": {"instances": [{"data": b64(imagenet_photos[0])}]}}, {"body": bytearray(imagenet_photos[1])}]
@@ -252,7 +252,7 @@ def test_an_engine_bug_answers_every_image_with_500_instead_of_failing_the_batch
     def broken_predict(*args, **kwargs):
         raise IndexError("a bug outside the model (simulated)")
 
-    monkeypatch.setattr(handler.engine, "predict", broken_predict)
+    monkeypatch.setattr(handler.engine, "predict_outputs", broken_predict)
     rows = [{"body": bytearray(b"")}, {"a": bytearray(imagenet_photos[0]), "b": bytearray(imagenet_photos[1])}]
     responses, statuses, _ = run_batch(handler, model_dir, rows)
     assert statuses == [400, 200]

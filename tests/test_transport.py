@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.http as triton
-from conftest import REPO, keep_logs_if_failed
+from conftest import REPO
 from ts_client import DEFAULT_MODEL, Client
-from ts_server import TorchServe
 
 pytestmark = pytest.mark.e2e
 MODEL = DEFAULT_MODEL  # the demo archive build_mar.py builds by default: change it in ts_client only
@@ -26,15 +25,8 @@ CORRUPT = b"\xff\xd8\xff\xe0 not really a JPEG after all"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, request):
-    store = tmp_path_factory.mktemp("transport_store")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "build_mar.py"), "--export-path", str(store)],
-                   check=True, capture_output=True)
-    server = TorchServe(store, [f"{MODEL}.mar"])
-    server.start()
-    yield server
-    server.stop()
-    keep_logs_if_failed(server, request)
+def server(demo_server):
+    return demo_server
 
 
 @pytest.fixture(scope="module")
