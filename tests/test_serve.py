@@ -6,7 +6,10 @@ key_file.json, logs and pid file), so it never meets a TorchServe started by han
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -69,24 +72,34 @@ def torchserve_processes(home):
         return []
 
 
-def test_one_command_serves_your_own_model_under_your_name_and_stops(home, weights):
-    done, _ = serve(home, "--arch", "resnet18", "--weights", str(weights / "r18.pt"), "--model-name", "r18",
-                    "--export-path", str(home / "store"))
+def readme_recipe() -> list[str]:
+    """The command lines of README's "Serving your own model" recipe."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("<!-- recipe: tests/test_serve.py runs these lines -->"):]
+    block = block[block.index("```bash") + len("```bash"): block.index("```", block.index("```bash") + 7)]
+    return [line for line in block.strip().splitlines() if line and not line.startswith("#")]
+
+
+def test_the_readme_recipe_serves_your_own_model_under_your_name(home):
+    make_weights, serve_line, curl_line = readme_recipe()
+    assert make_weights.startswith(".venv/bin/python -c ") and serve_line.startswith("scripts/serve.sh ")
+    subprocess.run([sys.executable, "-c", shlex.split(make_weights)[2]], cwd=home, check=True)
+    done, _ = serve(home, *shlex.split(serve_line)[1:], "--export-path", str(home / "store"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "num_classes    10" in done.stdout  # taken from the weights' classifier
-    assert f"{address(home, 'inference_address')}/predictions/r18 -T" in done.stdout
+    model = shlex.split(serve_line)[shlex.split(serve_line).index("--model-name") + 1]
+    assert f"{address(home, 'inference_address')}/predictions/{model} -T" in done.stdout
     assert "UNTRAINED" not in done.stdout
-    token = __import__("json").loads((home / "key_file.json").read_text())["inference"]["key"]
-    response = requests.put(f"{address(home, 'inference_address')}/predictions/r18",
-                            data=(REPO / "samples" / "coffee.jpg").read_bytes(),
+    url_path, photo = re.search(r"8080(/predictions/\S+) -T (\S+)", curl_line).groups()
+    token = json.loads((home / "key_file.json").read_text())["inference"]["key"]
+    response = requests.put(f"{address(home, 'inference_address')}{url_path}", data=(REPO / photo).read_bytes(),
                             headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert response.status_code == 200
     assert len(response.json()[0]["topk"]) == 5
     assert {item["index"] for item in response.json()[0]["topk"]} <= set(range(10))
 
-    again, _ = serve(home, "--arch", "resnet18", "--weights", str(weights / "r18.pt"), "--model-name", "r18",
-                     "--export-path", str(home / "store"))
-    assert again.returncode == 0 and "already serving r18" in again.stdout and "built" not in again.stdout
+    again, _ = serve(home, *shlex.split(serve_line)[1:], "--export-path", str(home / "store"))
+    assert again.returncode == 0 and f"already serving {model}" in again.stdout and "built" not in again.stdout
 
     processes = torchserve_processes(home)
     assert processes
