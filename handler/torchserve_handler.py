@@ -46,7 +46,6 @@ from handler.outputs import Prediction, TopK
 from handler.server_metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
-JSON_CONTENT_TYPE = "application/json"
 
 
 def log_preprocessing(config: HandlerConfig, build_info: dict[str, Any]) -> None:
@@ -220,7 +219,7 @@ class ImageBatchHandler(BaseHandler):
     @staticmethod
     def _error_response(error: ImageError | RequestError, index: int, context: Any) -> str:
         context.set_response_status(error.status, error.message, index)
-        context.set_response_content_type(index, JSON_CONTENT_TYPE)
+        context.set_response_content_type(index, oip.JSON_CONTENT_TYPE)
         return json.dumps(error.to_json())
 
     def _labelled(self, topk: TopK) -> list[dict[str, Any]]:
