@@ -34,8 +34,6 @@ SET_TITLES = {"imagenet": "ImageNet-size JPEG (~500x375)", "phone": "12 MP phone
 SMOKE_NOTICE = ("SMOKE RUN (--quick): this only checks that the script works. Its numbers are not measurements "
                 "and recommend nothing; run without --quick to measure.")
 PREPROCESSING_KEYS = ("resize_size", "crop_size", "interpolation", "mean", "std")
-UNTRAINED_NOTE = ("the ResNet-50 weights are a seeded random initialisation (no download possible): "
-                  "predictions are meaningless, agreement only checks that the inputs match the reference")
 _corpus_ready = False
 
 
