@@ -9,7 +9,7 @@ stays under --latency-bound-ms; the script explains the choice and prints the mo
 use. With --write FILE it also updates those settings in FILE, keeping the rest of the file (comments
 included) as it is. --quick is a smoke run: it chooses nothing and refuses --write.
 
-    python scripts/autotune.py                                   # the demo archive, ~3 minutes on 2 cores
+    python scripts/autotune.py                                   # the demo archive, ~1 minute on 2 cores
     python scripts/autotune.py --workers 1 2 --latency-bound-ms 3000 --write model-config.yaml
     python scripts/autotune.py --quick                           # a smoke run (seconds) that recommends nothing
 """

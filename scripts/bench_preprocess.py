@@ -15,7 +15,7 @@ On CUDA every clock read follows torch.cuda.synchronize(), and the host-to-devic
 The stock handler does not convert to RGB (grey/RGBA images fail there), so the mixed set is timed
 for recipe and ours only. Our inputs are also compared with timm's own eval transform, in pixel levels.
 
-    python scripts/bench_preprocess.py                       # all sets, batches 32/64/128 (~15 min on 2 cores)
+    python scripts/bench_preprocess.py                       # all sets, batches 32/64/128 (the longest run)
     python scripts/bench_preprocess.py --sets imagenet phone --batches 32
     python scripts/bench_preprocess.py --quick               # a smoke run (< 1 minute) that recommends nothing
 """

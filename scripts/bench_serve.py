@@ -21,8 +21,8 @@ max / median shift of the reference's top-5 scores.
 
     python scripts/bench_serve.py --sets imagenet phone --sizes 32 --concurrency 1 --no-recipe --requests 8
                                   # one 32-photo request, ours vs stock (~6 minutes on 2 cores)
-    python scripts/bench_serve.py # sizes 1/8/32/64, 1 and 4 clients, with the recipe (~40 minutes)
-    python scripts/bench_serve.py --quick   # a smoke run (~2 minutes) that recommends nothing
+    python scripts/bench_serve.py # sizes 1/8/32/64, 1 and 4 clients, with the recipe (the longest run)
+    python scripts/bench_serve.py --quick   # a smoke run (~1 minute) that recommends nothing
 """
 
 from __future__ import annotations
@@ -474,7 +474,7 @@ def plot(rows: Sequence[dict[str, Any]], alone: Sequence[dict[str, Any]], max_ba
         throughput_axis.set_title(f"{SET_TITLES.get(set_name, set_name)}{subtitle}\n"
                                   f"throughput, each method at its best client count", fontsize=10)
         latency_axis.set_ylabel("p50 time per request, ms (lower is better)")
-        latency_axis.set_title(f"time of one request with {fewest} client(s)", fontsize=10)
+        latency_axis.set_title(f"time of one request with {fewest} client{'' if fewest == 1 else 's'}", fontsize=10)
         latency_axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     drawn = drawn_labels(figure)
     return save_figure(figure, path), drawn
