@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
 """Find the decode pool size x max batch (x workers) that gives the most images/s under a latency bound.
 
-Runs our engine in this process with the weights and settings packed in the .mar (no HTTP), on the
-corpus photos, for every combination of the sweep: W workers are emulated by W engines called from
-W client threads, with torch threads and decode threads divided among them as the handler does.
-The winner is the highest throughput whose p95 latency per request stays under --latency-bound-ms;
-the script explains the choice and prints the model-config.yaml settings to use. With --write FILE it
-also updates those settings in FILE, keeping the rest of the file (comments included) as it is.
+Runs our engine in this process with the weights and settings packed in the .mar (no HTTP; by default the
+trained demo, model_store/efficientnet_lite0.mar), on the corpus photos, for every combination of the sweep:
+W workers are emulated by W engines called from W client threads, with torch threads and decode threads
+divided among them as the handler does. The winner is the highest throughput whose p95 latency per request
+stays under --latency-bound-ms; the script explains the choice and prints the model-config.yaml settings to
+use. With --write FILE it also updates those settings in FILE, keeping the rest of the file (comments
+included) as it is. --quick is a smoke run: it chooses nothing and refuses --write.
 
-    python scripts/autotune.py                                   # model_store/resnet50.mar, ~3 minutes
+    python scripts/autotune.py                                   # the demo archive, ~1 minute on 2 cores
     python scripts/autotune.py --workers 1 2 --latency-bound-ms 3000 --write model-config.yaml
-    python scripts/autotune.py --quick                           # a few seconds, for the tests
+    python scripts/autotune.py --quick                           # a smoke run (seconds) that recommends nothing
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # importing torch takes seconds: say so first
+    print(f"{Path(__file__).name}: loading torch, timm and the handler ...", file=sys.stderr, flush=True)
 
 import argparse
 import dataclasses
@@ -24,12 +31,24 @@ import threading
 import time
 import zipfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from bench_common import DEFAULT_OUT, REPO, SETS, format_table, load_set, machine_info, percentile, write_json
+from bench_common import (
+    DEFAULT_OUT,
+    REPO,
+    SETS,
+    SMOKE_NOTICE,
+    ensure_corpus,
+    format_table,
+    load_set,
+    machine_info,
+    percentile,
+    step,
+    write_json,
+)
+from build_mar import DEMO_MODEL_NAME
 from tqdm import tqdm
 
 from handler.config import HandlerConfig
@@ -158,8 +177,8 @@ def write_settings(path: Path, top: dict[str, int], handler: dict[str, int]) -> 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mar", type=Path, default=REPO / "model_store" / "resnet50.mar",
-                        help="our archive (scripts/build_mar.py builds it)")
+    parser.add_argument("--mar", type=Path, default=REPO / "model_store" / f"{DEMO_MODEL_NAME}.mar",
+                        help="our archive (scripts/build_mar.py builds it; default: the demo's)")
     parser.add_argument("--set", default="imagenet", choices=SETS, help="corpus set the requests carry")
     parser.add_argument("--images-per-request", type=int, default=32)
     parser.add_argument("--decode-threads", nargs="+", type=int, default=[1, 2, 4], help="pool sizes to try")
@@ -173,8 +192,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write", type=Path, metavar="MODEL_CONFIG_YAML",
                         help="update these settings in this model-config.yaml (otherwise only print them)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for autotune.json")
-    parser.add_argument("--quick", action="store_true", help="a tiny sweep for the tests (a few seconds)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run (a tiny sweep, seconds) for the tests: chooses nothing, refuses --write")
     args = parser.parse_args(argv)
+    if args.quick and args.write:
+        parser.error("--write cannot be used with --quick: a smoke run's numbers choose nothing. Run without "
+                     "--quick to choose and write settings (narrow the sweep with --decode-threads and --max-batch)")
     if args.quick:
         args.decode_threads, args.max_batch, args.workers = [1, 2], [4], [1]
         args.images_per_request, args.requests, args.max_seconds = 4, 1, 10.0
@@ -187,22 +210,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.quick:
+        print(SMOKE_NOTICE, flush=True)
     machine = machine_info()  # the date is when the run started
-    _, model, base = unpack(args.mar)
+    ensure_corpus()
+    with step(f"loading the model and settings from {args.mar.name}", expected_s=5):
+        _, model, base = unpack(args.mar)
     images = load_set(args.set, args.images_per_request)
     plan = [(w, t, b) for w in args.workers for t in args.decode_threads for b in args.max_batch]
     rows = [measure(model, base, w, t, b, images, args.requests, args.max_seconds)
-            for w, t, b in tqdm(plan, desc="autotune", unit="setting", dynamic_ncols=True)]
+            for w, t, b in tqdm(plan, desc="timing settings", unit="setting", dynamic_ncols=True)]
+    result: dict[str, Any] = {"benchmark": "autotune", "quick": args.quick, "machine": machine, "mar": str(args.mar),
+                              "settings": {k: v for k, v in vars(args).items() if k not in ("out",)}, "results": rows}
+    print()
+    print(format_table(rows, [
+        ("workers", "workers", "TorchServe workers emulated (engines called at the same time)"),
+        ("decode_threads", "decode threads", "decode pool size per worker"),
+        ("max_batch", "max batch", "images per model forward"),
+        ("torch_threads", "torch threads", "per worker: the cores divided among the workers"),
+        ("requests", "requests", f"timed requests of {args.images_per_request} {args.set} images, all workers"),
+        ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms", "p50, p95: percentiles of the time per request"),
+        ("images_per_s", "images/s", "images answered / wall time, all workers together")]))
+    if args.quick:
+        result["notice"] = SMOKE_NOTICE
+        json_path = write_json(args.out / "autotune.json", result)
+        print(f"\nwrote {json_path}\n{SMOKE_NOTICE}")
+        return
     best, why = choose(rows, args.latency_bound_ms)
     top, handler = settings_for(best)
-    result = {"benchmark": "autotune", "machine": machine, "mar": str(args.mar),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-              "results": rows, "best": best, "why": why, "model_config": {**top, "handler": handler}}
+    result.update({"best": best, "why": why, "model_config": {**top, "handler": handler}})
     json_path = write_json(args.out / "autotune.json", result)
-    print(format_table(rows, [("workers", "workers"), ("decode_threads", "decode threads"),
-                              ("max_batch", "max batch"), ("torch_threads", "torch threads"),
-                              ("requests", "requests"), ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"),
-                              ("images_per_s", "images/s")]))
     print(f"\nchosen: {why}\n\nmodel-config.yaml settings to use (the rest of the handler section stays):\n")
     print(settings_yaml(top, handler))
     if args.write:

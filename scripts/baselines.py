@@ -2,7 +2,7 @@
 (scripts/gpu_check.py runs them on a bare GPU box):
 
   stock   TorchServe's image_classifier: per image Image.open + Resize / CenterCrop / ToTensor / Normalize in
-          float32, sequential, then torch.stack and .to(device)
+          float32 (``transform``: the model's own numbers), sequential, then torch.stack and .to(device)
   recipe  a torch DataLoader built per request (num_workers N, pin_memory on CUDA) over a dataset doing the same
           float transform per image
 """
@@ -21,13 +21,14 @@ for _path in (REPO, REPO / "scripts"):
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from reference import reference_transform  # noqa: E402
+from reference import Transform  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from handler.imaging import to_rgb  # noqa: E402
 
 
-def stock_batch(images: Sequence[bytes], device: torch.device, torch_threads: int = 0) -> torch.Tensor:
+def stock_batch(images: Sequence[bytes], device: torch.device, torch_threads: int = 0, *,
+                transform: Transform) -> torch.Tensor:
     """What the stock VisionHandler.preprocess does, plus its .to(device).
 
     TorchServe leaves torch at its default thread count; on a busy 2-core machine the float ops of
@@ -37,7 +38,6 @@ def stock_batch(images: Sequence[bytes], device: torch.device, torch_threads: in
     if torch_threads:
         torch.set_num_threads(torch_threads)
     try:
-        transform = reference_transform()
         tensors = [transform(Image.open(io.BytesIO(payload))) for payload in images]
         return torch.stack(tensors).to(device)
     finally:
@@ -47,9 +47,9 @@ def stock_batch(images: Sequence[bytes], device: torch.device, torch_threads: in
 class RecipeDataset(Dataset):
     """The usual recipe's dataset: decode, convert to RGB, float transform, one image per item."""
 
-    def __init__(self, images: Sequence[bytes]) -> None:
+    def __init__(self, images: Sequence[bytes], transform: Transform) -> None:
         self.images = images
-        self.transform = reference_transform()
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.images)
@@ -58,9 +58,10 @@ class RecipeDataset(Dataset):
         return self.transform(to_rgb(Image.open(io.BytesIO(self.images[index]))))
 
 
-def recipe_batch(images: Sequence[bytes], device: torch.device, workers: int) -> torch.Tensor:
+def recipe_batch(images: Sequence[bytes], device: torch.device, workers: int, *,
+                 transform: Transform) -> torch.Tensor:
     """A DataLoader per request, as commonly written: its workers start (and stop) on every call."""
-    loader = DataLoader(RecipeDataset(images), batch_size=len(images), num_workers=workers,
+    loader = DataLoader(RecipeDataset(images, transform), batch_size=len(images), num_workers=workers,
                         pin_memory=device.type == "cuda")
     batches = [batch.to(device, non_blocking=True) for batch in loader]
     return batches[0]

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: corpus, clocks, statistics, machine facts, output files."""
+"""Helpers shared by the benchmark scripts: corpus, the demo's preprocessing, clocks, statistics, progress,
+machine facts, tables, plots and output files."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +24,64 @@ for _path in (REPO, REPO / "scripts"):
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from make_corpus import write_corpus  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 CORPUS_DIR = REPO / ".cache" / "corpus"
 DEFAULT_OUT = REPO / "bench_results"
 SETS = ("imagenet", "phone", "mixed")
 SET_TITLES = {"imagenet": "ImageNet-size JPEG (~500x375)", "phone": "12 MP phone JPEG (4032x3024)",
               "mixed": "mixed formats (PNG, grey, RGBA, ...)"}
-UNTRAINED_NOTE = ("the ResNet-50 weights are a seeded random initialisation (no download possible): "
-                  "predictions are meaningless, agreement only checks that the inputs match the reference")
+SMOKE_NOTICE = ("SMOKE RUN (--quick): this only checks that the script works. Its numbers are not measurements "
+                "and recommend nothing; run without --quick to measure.")
+PREPROCESSING_KEYS = ("resize_size", "crop_size", "interpolation", "mean", "std")
+_corpus_ready = False
+
+
+@contextmanager
+def step(what: str, expected_s: float, delay: float = 0.0) -> Iterator[None]:
+    """Say what is being done, with a bar that moves with the elapsed time against ``expected_s``.
+
+    For work that reports no progress of its own (building archives, starting TorchServe, making photos).
+    The bar stops just short of the end if the work takes longer than expected; the elapsed time keeps
+    counting. With ``delay`` it appears only if the work takes longer than that.
+    """
+    ticks = max(1, round(4 * expected_s))
+    bar = tqdm(total=ticks, desc=f"{what} (~{expected_s:.0f} s)", bar_format="{desc} |{bar}| {elapsed}",
+               delay=delay, dynamic_ncols=True)
+    finished = threading.Event()
+    started = time.monotonic()
+
+    def tick() -> None:
+        while not finished.wait(0.25):
+            elapsed = time.monotonic() - started
+            bar.n = min(ticks - 1, int(4 * elapsed))
+            if elapsed >= delay:
+                bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+        bar.n = ticks
+    finally:
+        finished.set()
+        ticker.join()
+        bar.close()
+
+
+def ensure_corpus() -> Path:
+    """The benchmark photos, made from scikit-image's bundled photos on the first run (about a minute)."""
+    global _corpus_ready
+    if not _corpus_ready:
+        with step("making the test photos (first run only)", expected_s=45, delay=1.0):
+            write_corpus(CORPUS_DIR)
+        _corpus_ready = True
+    return CORPUS_DIR
 
 
 def load_set(name: str, count: int | None = None) -> list[bytes]:
     """Images of one corpus set (made on first use), repeated cyclically when ``count`` exceeds the set."""
-    folder = write_corpus(CORPUS_DIR) / name
+    folder = ensure_corpus() / name
     images = [path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()]
     if count is None:
         return images
@@ -124,23 +172,30 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def seeded_resnet50(seed: int = 0) -> torch.nn.Module:
-    """The demo weights: build_mar.py's seeded random initialisation (handler.model.random_state_dict)."""
-    from handler.model import random_state_dict
+def demo_handler_settings(config: Path = REPO / "model-config.yaml") -> tuple[dict[str, Any], dict[str, str]]:
+    """The demo archive's handler: section exactly as scripts/build_mar.py resolves and records it
+    (model-config.yaml's handler: values > the model's own timm config > defaults), and where each
+    preprocessing value came from. Only the architecture is built: no weights are read."""
+    from build_mar import DEFAULT_NUM_CLASSES, DEMO_ARCH, load_user_config, resolve_handler_section
 
-    model = torchvision.models.resnet50(weights=None)
-    model.load_state_dict(random_state_dict("resnet50", 1000, seed))
-    return model.eval()
+    from handler.architectures import build_architecture
+
+    user = dict(load_user_config(config).get("handler") or {})
+    model = build_architecture(DEMO_ARCH, DEFAULT_NUM_CLASSES)
+    section, rows = resolve_handler_section(user, DEMO_ARCH, (DEFAULT_NUM_CLASSES, "default"), model)
+    sources = {key: source for key, _, source in rows if key in PREPROCESSING_KEYS}
+    return section, sources
 
 
 def model_alone_throughput(model: torch.nn.Module, batch: int, threads: int, device: torch.device,
-                           repeats: int = 5, max_seconds: float = 60.0, channels_last: bool = True) -> dict[str, Any]:
+                           repeats: int = 5, max_seconds: float = 60.0, channels_last: bool = True,
+                           image_size: int = 224) -> dict[str, Any]:
     """Images/s of the bare forward pass on random normalized tensors: the ceiling for serving."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         model = model.to(device).eval()
-        images = torch.randn(batch, 3, 224, 224, device=device)
+        images = torch.randn(batch, 3, image_size, image_size, device=device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
             images = images.contiguous(memory_format=torch.channels_last)
@@ -157,19 +212,23 @@ def model_alone_throughput(model: torch.nn.Module, batch: int, threads: int, dev
             "images_per_s": batch / stats["median_s"]}
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A plain aligned text table; ``columns`` are (key, header) pairs, floats get 3 significant places."""
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, ...]]) -> str:
+    """A plain aligned text table; floats get 3 significant places.
+
+    ``columns`` are (key, header) or (key, header, meaning); the meanings are listed under the table.
+    """
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
         return "" if value is None else str(value)
 
-    body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
-    headers = [header for _, header in columns]
+    body = [[cell(row.get(column[0])) for column in columns] for row in rows]
+    headers = [column[1] for column in columns]
     widths = [max(len(text) for text in column) for column in zip(headers, *body, strict=True)]
     lines = ["  ".join(text.ljust(width) for text, width in zip(headers, widths, strict=True)),
              "  ".join("-" * width for width in widths)]
     lines += ["  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)) for row in body]
+    lines += [f"  {column[1]}: {column[2]}" for column in columns if len(column) > 2]
     return "\n".join(lines)
 
 
@@ -187,6 +246,20 @@ def new_figure(columns: int, rows: int = 1, width: float = 6.0, height: float = 
     import matplotlib.pyplot as plt
 
     return plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+
+
+def label_bars(axis, bars, values: Sequence[float]) -> None:
+    """Write each bar's value on top of it (3 significant digits)."""
+    axis.bar_label(bars, labels=[format_value(v) for v in values], fontsize=7, padding=2)
+
+
+def format_value(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def drawn_labels(figure) -> list[str]:
+    """Every text written inside the plot areas (bar values, line labels): what a reader sees on the bars."""
+    return [text.get_text() for axis in figure.axes for text in axis.texts]
 
 
 def save_figure(figure, path: Path) -> Path:

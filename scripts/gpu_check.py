@@ -435,8 +435,10 @@ def time_methods(ctx: Context) -> list[dict[str, Any]]:
     import torch
     from baselines import recipe_batch, stock_batch
     from bench_common import time_call
+    from reference import eval_transform
 
     model = ctx.model()
+    transform = eval_transform()  # the ImageNet numbers of the ResNet-50 it times
     dtype = next(model.parameters()).dtype
 
     def classify(batch: torch.Tensor) -> list[int]:
@@ -448,8 +450,9 @@ def time_methods(ctx: Context) -> list[dict[str, Any]]:
         engines["(d) engine, device decode"] = ctx.engine()
     workers = min(4, os.cpu_count() or 1)
     methods: dict[str, Callable[[Sequence[bytes]], object]] = {
-        "(a) stock PIL + float, sequential": lambda p: classify(stock_batch(p, ctx.device)),
-        "(b) DataLoader recipe, per request": lambda p: classify(recipe_batch(p, ctx.device, workers)),
+        "(a) stock PIL + float, sequential": lambda p: classify(stock_batch(p, ctx.device, transform=transform)),
+        "(b) DataLoader recipe, per request": lambda p: classify(recipe_batch(p, ctx.device, workers,
+                                                                               transform=transform)),
         **{name: engine.predict for name, engine in engines.items()},
     }
     rows = []
