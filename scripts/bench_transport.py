@@ -64,6 +64,7 @@ import math
 from handler import oip
 
 ENTRY = {"topk": [{"label": "noop", "index": 0, "score": 1.0}]}
+OPTIONS = {"topk", "outputs"}  # multipart fields that are not images
 
 
 def handle(data, context):
@@ -92,7 +93,7 @@ def _answer(row, index, context):
             return answer
         context.set_response_content_type(index, oip.JSON_CONTENT_TYPE)
         return answer.decode()
-    count = len(body["images"]) if isinstance(body, dict) else 1 if "body" in row else len(row)
+    count = len(body["images"]) if isinstance(body, dict) else 1 if "body" in row else len(set(row) - OPTIONS)
     context.set_response_content_type(index, oip.JSON_CONTENT_TYPE)
     return json.dumps([ENTRY] * count)
 '''

@@ -180,14 +180,17 @@ class Client:
                 headers[oip.HEADER_LENGTH] = str(length)
             response = self._post(url, data=body, headers=headers)
         elif self.transport == "json":
-            body = {"images": [base64.b64encode(p).decode() for p in payloads], "outputs": list(self.outputs)}
+            body: dict[str, Any] = {"images": [base64.b64encode(p).decode() for p in payloads]}
+            if self.outputs != ("topk",):
+                body["outputs"] = list(self.outputs)
             if self.topk is not None:
                 body["topk"] = self.topk
             response = self._post(url, json=body, headers=headers)
         elif self.transport == "multipart":
             files: dict[str, Any] = {f"image{i}": (f"image{i}", p, "application/octet-stream")
                                      for i, p in enumerate(payloads)}
-            files["outputs"] = (None, ",".join(self.outputs))
+            if self.outputs != ("topk",):
+                files["outputs"] = (None, ",".join(self.outputs))
             if self.topk is not None:
                 files["topk"] = (None, str(self.topk))
             response = self._post(url, files=files, headers=headers)
