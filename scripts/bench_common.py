@@ -24,7 +24,6 @@ for _path in (REPO, REPO / "scripts"):
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from make_corpus import write_corpus  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 CORPUS_DIR = REPO / ".cache" / "corpus"
 DEFAULT_OUT = REPO / "bench_results"
@@ -46,6 +45,8 @@ def step(what: str, expected_s: float, delay: float = 0.0) -> Iterator[None]:
     counting. With ``delay`` it appears only if the work takes longer than that.
     """
     ticks = max(1, round(4 * expected_s))
+    from tqdm import tqdm  # here, not at import: scripts/gpu_check.py times with this module on bare GPU boxes
+
     bar = tqdm(total=ticks, desc=f"{what} (~{expected_s:.0f} s)", bar_format="{desc} |{bar}| {elapsed}",
                delay=delay, dynamic_ncols=True)
     finished = threading.Event()
