@@ -39,12 +39,6 @@ def model_dtype(config: HandlerConfig, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.precision]
 
 
-def random_state_dict(name: str, num_classes: int, seed: int) -> dict[str, torch.Tensor]:
-    """Deterministic random initialisation: the same seed gives the same weights everywhere."""
-    torch.manual_seed(seed)
-    return build_architecture(name, num_classes).state_dict()
-
-
 def load_model(config: HandlerConfig, weights_path: Path, device: torch.device) -> torch.nn.Module:
     """Load weights (state_dict, or TorchScript when architecture is 'torchscript') in eval mode.
 
