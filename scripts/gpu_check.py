@@ -142,14 +142,26 @@ def environment() -> dict[str, Any]:
     }
 
 
+LOADED_TS_CHILD = """
+import importlib, sys
+
+for name in sys.argv[1].split(","):
+    importlib.import_module(name)
+print(",".join(sorted(m for m in sys.modules if m == "ts" or m.startswith("ts."))))
+"""
+
+
 def check_torchserve_free() -> Check:
-    for name in ENGINE_MODULES:
-        importlib.import_module(name)
+    """Import the engine in a fresh interpreter (the caller may have imported TorchServe itself, e.g. under pytest)
+    and list what of TorchServe got loaded; also look for import lines in the sources."""
     sources = {name: (REPO / (name.replace(".", "/") + ".py")).read_text() for name in ENGINE_MODULES}
     static = [name for name, source in sources.items() if TS_IMPORT.search(source)]
-    loaded = sorted(m for m in sys.modules if m == "ts" or m.startswith("ts."))
-    return judged(not static and not loaded, "an engine module imports TorchServe",
-                  modules_importing_ts=static, ts_modules_loaded=loaded)
+    path = os.pathsep.join(str(folder) for folder in (REPO, REPO / "scripts"))
+    child = subprocess.run([sys.executable, "-c", LOADED_TS_CHILD, ",".join(ENGINE_MODULES)], cwd=REPO,
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}, timeout=300)
+    loaded = [m for m in child.stdout.strip().split(",") if m]
+    return judged(child.returncode == 0 and not static and not loaded, "an engine module imports TorchServe",
+                  modules_importing_ts=static, ts_modules_loaded=loaded, stderr_tail=child.stderr[-2000:])
 
 
 BLOCKED_IMPORTS_CHILD = """
