@@ -172,7 +172,7 @@ def _parse_body(body: Any, limits: Limits, header_length: str | None) -> ParsedR
     raise RequestError(
         400,
         "a JSON body must be an object such as {\"images\": [\"<base64>\", ...]}; "
-        f"got a JSON {type(body).__name__}",
+        f"got a JSON {_json_kind(body)}",
     )
 
 
@@ -264,7 +264,7 @@ def _json_item_payload(item: Any, index: int, limits: Limits) -> Payload:
     if isinstance(item, Mapping) and "b64" in item:
         item = item["b64"]
     if not isinstance(item, str):
-        return ImageError(400, f"image {index} must be a base64 string; got a JSON {type(item).__name__}")
+        return ImageError(400, f"image {index} must be a base64 string; got a JSON {_json_kind(item)}")
     return _base64_payload(item, index, limits)
 
 
@@ -333,6 +333,17 @@ def _parse_topk(value: Any, limits: Limits) -> int | None:
     if not 1 <= topk <= limits.max_topk:
         raise RequestError(400, f"topk must be between 1 and {limits.max_topk}; got {topk}")
     return topk
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (null, boolean, number, string, array, object)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
 def _preview(value: Any, length: int = 40) -> str:
