@@ -6,6 +6,9 @@ test kills often waits behind the slow engine tests. This puts the mutated modul
 first, then the other files from the cheapest, each file's tests from the fastest (files stay together
 so their module fixtures are set up once). It changes no verdict, only how soon a kill happens.
 
+It also keeps mutmut's coverage run ("stats") out of child processes: tests that run our scripts as
+commands from another directory would otherwise record coverage there and fail on mutmut's missing config.
+
 Loaded by ``-p scripts.mutation_order`` ([tool.mutmut] pytest_add_cli_args); inert outside a mutant.
 """
 
@@ -19,6 +22,13 @@ from pathlib import Path
 import pytest
 
 STATS_FILE = Path("mutmut-stats.json")  # mutmut runs the tests from inside mutants/
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # In this process mutmut keeps its own copy of the setting, so its trampolines still record coverage here;
+    # child processes inherit the environment without it and run the original code.
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        del os.environ["MUTANT_UNDER_TEST"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,6 +1,7 @@
 """The engine without a server: batching, strategies, ordering, errors, buckets, and the ordering of its device
 work (fences logged in order by a simulated device), sticky-error handling, compile with static shapes."""
 
+import concurrent.futures
 import io
 import threading
 import time
@@ -14,7 +15,8 @@ from reference import reference_probabilities, timm_transform
 from simulated_device import RecordingFence, SimulatedRuntime, out_of_memory, sticky_error
 from torch._dynamo.utils import counters
 
-from handler import device_decode, preprocess
+from handler import device_decode, imaging, preprocess
+from handler import engine as engine_module
 from handler.codecs import ImageError
 from handler.config import ConfigError
 from handler.device import DeviceLost
@@ -462,3 +464,293 @@ def test_a_compiled_model_gets_one_static_graph_per_bucket_and_requests_compile_
         model(engine.normalize(torch.zeros((2, 224, 224, 3), dtype=torch.uint8)))  # as the engine calls it
     assert graphs() - before == 3  # an unseen size is a new static graph, not a recompile for dynamic shapes
     engine.close()
+
+
+# --- The preprocessor: settings that reach the decoder, which strategy runs, shutdown ---------------------------
+
+
+def png_of(colour, size=(48, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def decoded_sizes_of(config, payload, monkeypatch) -> list[tuple[int, int]]:
+    """The size each image had when decoded (before the crop), through a Preprocessor of ``config``."""
+    sizes = []
+    real_to_rgb = imaging.to_rgb
+    monkeypatch.setattr(imaging, "to_rgb", lambda image: sizes.append(image.size) or real_to_rgb(image))
+    preprocessor = Preprocessor(config)
+    crops = list(preprocessor.map([payload]))
+    preprocessor.close()
+    assert crops[0].shape == (config.crop_size, config.crop_size, 3)
+    return sizes
+
+
+@pytest.mark.parametrize(("overrides", "size"), [
+    ({}, (1008, 756)),                               # default margin 2: short side >= 512, so 1/4 of 4032x3024
+    ({"draft_margin": 1.0}, (504, 378)),             # margin 1: short side >= 256, so 1/8
+    ({"draft_margin": 3.0}, (2016, 1512)),           # margin 3: short side >= 768, so 1/2
+    ({"reduced_jpeg_decode": False}, (4032, 3024)),  # full size
+])
+def test_jpeg_decode_settings_reach_the_decoder(phone_photos, monkeypatch, overrides, size):
+    assert Image.open(io.BytesIO(phone_photos[0])).size == (4032, 3024)
+    assert decoded_sizes_of(make_config(decode_strategy="inline", **overrides), phone_photos[0], monkeypatch) == [size]
+
+
+@pytest.fixture
+def decode_spy(monkeypatch):
+    """Records the thread of every decode and the arguments of every DataLoader built."""
+    threads, created = [], []
+    real_decode = preprocess.decode_and_transform
+    monkeypatch.setattr(preprocess, "decode_and_transform",
+                        lambda payload, spec: threads.append(threading.current_thread().name) or real_decode(
+                            payload, spec))
+
+    class RecordingDataLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            created.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "DataLoader", RecordingDataLoader)
+    return threads, created
+
+
+@pytest.mark.parametrize(("strategy", "decode_thread", "loaders"), [
+    ("threads", "decode", 0),
+    ("inline", "MainThread", 0),
+    ("dataloader", "MainThread", 1),  # with 0 workers the DataLoader runs in this process
+])
+def test_the_configured_strategy_is_the_one_that_runs(decode_spy, strategy, decode_thread, loaders):
+    threads, created = decode_spy
+    payloads = [png_of((255, 0, 0)), png_of((0, 255, 0)), png_of((0, 0, 255))]
+    preprocessor = Preprocessor(make_config(decode_strategy=strategy, dataloader_workers=0, resize_size=32,
+                                            crop_size=32))
+    crops = list(preprocessor.map(payloads))
+    preprocessor.close()
+    assert len(threads) == 3 and all(name.startswith(decode_thread) for name in threads), threads
+    assert len(created) == loaders
+    assert [tuple(crop[16, 16]) for crop in crops] == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+def test_dataloader_with_no_workers_runs_in_this_process_in_batches_of_the_configured_size(monkeypatch):
+    batches = []
+    real_collate = preprocess._collate_crops
+    monkeypatch.setattr(preprocess, "_collate_crops", lambda items: batches.append(len(items)) or real_collate(items))
+    colours = [(i * 30, 255 - i * 30, 7) for i in range(7)]
+    preprocessor = Preprocessor(make_config(decode_strategy="dataloader", dataloader_workers=0,
+                                            dataloader_batch_size=3, resize_size=32, crop_size=32))
+    crops = list(preprocessor.map([png_of(colour) for colour in colours]))
+    preprocessor.close()
+    assert batches == [3, 3, 1]
+    assert [tuple(int(v) for v in crop[16, 16]) for crop in crops] == colours
+
+
+def test_dataloader_gets_the_configured_workers_and_start_method(decode_spy, monkeypatch):
+    """Only the arguments are checked: starting spawn workers would take seconds."""
+    _, created = decode_spy
+
+    def in_process_loader(*args, **kwargs):
+        created.append(kwargs)
+        return torch.utils.data.DataLoader(*args, **{**kwargs, "num_workers": 0, "multiprocessing_context": None})
+
+    monkeypatch.setattr(preprocess, "DataLoader", in_process_loader)
+    preprocessor = Preprocessor(make_config(decode_strategy="dataloader", dataloader_workers=3,
+                                            dataloader_batch_size=5, dataloader_start_method="spawn",
+                                            resize_size=32, crop_size=32))
+    assert len(list(preprocessor.map([png_of((1, 2, 3))] * 2))) == 2
+    preprocessor.close()
+    assert len(created) == 1
+    assert (created[0]["num_workers"], created[0]["batch_size"], created[0]["multiprocessing_context"]) == (
+        3, 5, "spawn")
+    assert created[0]["pin_memory"] is False  # no CUDA here: nothing to pin for
+
+
+def test_a_dataloader_batch_of_only_bad_images_keeps_every_error_in_place():
+    payloads = [png_of((9, 9, 9)), png_of((8, 8, 8)), b"not an image", b"\xff\xd8\xff truncated", b"?",
+                png_of((7, 7, 7))]
+    preprocessor = Preprocessor(make_config(decode_strategy="dataloader", dataloader_workers=0,
+                                            dataloader_batch_size=2, resize_size=32, crop_size=32))
+    results = list(preprocessor.map(payloads))  # batches: [good, good], [bad, bad], [bad, good]
+    preprocessor.close()
+    assert [type(r).__name__ for r in results] == ["ndarray", "ndarray", "ImageError", "ImageError", "ImageError",
+                                                   "ndarray"]
+    assert (results[2].status, results[3].status, results[4].status) == (415, 400, 415)
+    assert [int(results[i][0, 0, 0]) for i in (0, 1, 5)] == [9, 8, 7]
+    everything_bad = Preprocessor(make_config(decode_strategy="dataloader", dataloader_workers=0))
+    assert [r.status for r in everything_bad.map([b"x", b"y", b"z"])] == [415, 415, 415]
+    everything_bad.close()
+
+
+def test_close_cancels_queued_decodes_and_waits_for_the_running_one(monkeypatch):
+    started, release, closed = threading.Event(), threading.Event(), threading.Event()
+    decoded, closed_while_decoding = [], []
+    real_decode = preprocess.decode_and_transform
+
+    def decode(payload, spec):
+        if not decoded:
+            started.set()
+            assert release.wait(10)
+            closed_while_decoding.append(closed.is_set())
+        decoded.append(payload)
+        return real_decode(payload, spec)
+
+    futures = []
+
+    class RecordingPool(preprocess.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            futures.append(super().submit(*args, **kwargs))
+            return futures[-1]
+
+    monkeypatch.setattr(preprocess, "decode_and_transform", decode)
+    monkeypatch.setattr(preprocess, "ThreadPoolExecutor", RecordingPool)
+    preprocessor = Preprocessor(make_config(decode_threads=1, resize_size=32, crop_size=32))
+    payloads = [png_of((i, i, i)) for i in range(5)]
+    preprocessor.map(payloads)
+    assert started.wait(10)
+    closer = threading.Thread(target=lambda: (preprocessor.close(), closed.set()))
+    closer.start()
+    try:  # the queued decodes are cancelled at once, while the first one still runs
+        for future in futures[1:]:
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(timeout=5)
+    finally:
+        release.set()
+        closer.join(10)
+    assert decoded == payloads[:1]
+    assert closed_while_decoding == [False]  # close() returned only after the running decode had finished
+    assert futures[0].done() and not futures[0].cancelled()
+
+
+def test_close_twice_is_harmless_and_a_later_map_still_decodes():
+    preprocessor = Preprocessor(make_config(decode_threads=2, resize_size=32, crop_size=32))
+    preprocessor.close()
+    preprocessor.close()
+    crops = list(preprocessor.map([png_of((40, 50, 60))]))
+    assert tuple(crops[0][16, 16]) == (40, 50, 60)
+    assert preprocessor.call_each(len, [b"ab", b"c"]) == [2, 1]
+
+
+# --- The engine: failures while collecting, timings, channels_last off ----------------------------------------
+
+
+def tiny_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 1000)).eval()
+
+
+TINY = {"resize_size": 32, "crop_size": 32}
+
+
+class FailsWaitingFor(SimulatedRuntime):
+    """A device error that surfaces when the results of one chunk are read (e.g. at a CUDA event sync)."""
+
+    def __init__(self, failing: str):
+        super().__init__(lost=False)
+        self.failing = failing
+
+    def fence(self, name):
+        fence = super().fence(name)
+        if name == self.failing:
+            def failing_wait():
+                raise sticky_error()
+            fence.wait = failing_wait
+        return fence
+
+
+@pytest.mark.parametrize(("failing_chunk", "failed"), [
+    (0, [True, True, False, False, False]),   # collected after chunk 1 was launched
+    (1, [False, False, True, True, False]),
+    (2, [False, False, False, False, True]),  # the last chunk, collected after the loop
+])
+def test_a_failure_while_collecting_a_chunk_costs_only_that_chunk(failing_chunk, failed):
+    model = tiny_classifier()
+    payloads = [png_of((40 * i, 200 - 30 * i, 90)) for i in range(5)]
+    config = make_config(max_batch=2, **TINY)
+    runtime = FailsWaitingFor(f"results[{failing_chunk}]")
+    engine = InferenceEngine(config, model, torch.device("cpu"), runtime=runtime)
+    results = engine.predict(payloads)
+    healthy = engine_for(model, max_batch=2, **TINY)
+    expected = healthy.predict(payloads)
+    assert [isinstance(r, ImageError) and r.status == 500 for r in results] == failed
+    assert ("probe",) in runtime.log  # the device was asked whether it survived
+    assert_same_predictions([r for r, f in zip(results, failed, strict=True) if not f],
+                            [e for e, f in zip(expected, failed, strict=True) if not f])
+    assert engine.last_timings.rejected == {500: failed.count(True)}
+    engine.close()
+    healthy.close()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class ClockedPreprocessor:
+    """Hands over prepared items; each one 'takes' 1 s of the fake clock to decode."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def map(self, items):
+        for item in items:
+            self.clock.now += 1.0
+            yield item
+
+    def close(self):
+        pass
+
+
+def test_timings_measure_decode_wait_and_inference(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(engine_module, "time", clock)
+    tiny = tiny_classifier()
+
+    def model(images):
+        clock.now += 10.0  # each forward 'takes' 10 s
+        return tiny(images)
+
+    crops = [np.full((32, 32, 3), 20 * i, dtype=np.uint8) for i in range(6)]
+    items = [crops[0], crops[1], ImageError(400, "bad"), crops[2], crops[3], crops[4], crops[5]]
+    engine = InferenceEngine(make_config(max_batch=2, **TINY), model, torch.device("cpu"),
+                             preprocessor=ClockedPreprocessor(clock))
+    results = engine.predict(items)
+    assert results[2] == ImageError(400, "bad") and sum(isinstance(r, list) for r in results) == 6
+    timings = engine.last_timings
+    assert timings.decode_wait == pytest.approx(7.0)  # 7 items, 1 s each
+    assert timings.inference == pytest.approx(30.0)   # 3 chunks of 2, 10 s each
+    assert (timings.images, timings.rejected) == (7, {400: 1})
+
+
+def test_timings_on_a_real_clock_are_positive_and_within_the_call(imagenet_photos):
+    engine = engine_for(tiny_classifier(), max_batch=2)
+    started = time.perf_counter()
+    engine.predict(imagenet_photos[:3])
+    elapsed = time.perf_counter() - started
+    timings = engine.last_timings
+    assert 0 < timings.inference < elapsed
+    assert 0 < timings.decode_wait < elapsed
+    assert timings.inference + timings.decode_wait <= elapsed
+    engine.close()
+
+
+def test_channels_last_off_gives_contiguous_nchw_with_the_same_values():
+    model = tiny_classifier()
+    mean, std = (0.1, 0.5, 0.9), (0.3, 0.2, 0.1)
+    plain = engine_for(model, channels_last=False, mean=mean, std=std, **TINY)
+    batch = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    images = plain.normalize(batch)
+    assert images.shape == (2, 3, 32, 32)
+    assert images.is_contiguous() and not images.is_contiguous(memory_format=torch.channels_last)
+    expected = (batch.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std).view(1, 3, 1, 1)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-5)
+    payloads = [png_of((200, 10, 10)), png_of((10, 10, 200)), b"broken"]
+    channels_last = engine_for(model, mean=mean, std=std, **TINY)
+    assert_same_predictions(plain.predict(payloads), channels_last.predict(payloads))
+    plain.close()
+    channels_last.close()

@@ -16,7 +16,9 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handler.device import DEVICE_LOST_EXIT_CODE
+from handler.engine import Timings
 from handler.model import BUILD_INFO_FILE, LABELS_FILE
+from handler.server_metrics import ServerMetrics
 from handler.torchserve_handler import ImageBatchHandler
 
 METRICS_YAML = str(__import__("ts").__path__[0]) + "/configs/metrics.yaml"
@@ -186,6 +188,38 @@ def test_batch_metrics_are_recorded_with_their_values(handler, model_dir, imagen
         assert 0 < milliseconds < 60_000, name
     [(handle_ms, _)] = metrics["BatchHandleTime"]
     assert handle_ms >= metrics["InferenceTime"][0][0]
+
+
+class RecordingCache:
+    """Stands in for TorchServe's metrics cache: keeps what each add_* call was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float, str]] = []
+
+    def add_counter(self, name, value, dimensions=None):
+        self.calls.append(("counter", name, value, ",".join(f"{d.name}:{d.value}" for d in dimensions or [])))
+
+    def add_metric(self, name, value, unit, metric_type=None):
+        self.calls.append(("metric", name, value, unit))
+
+    def add_time(self, name, value):
+        self.calls.append(("time", name, value, "ms"))
+
+
+def test_each_metric_gets_its_own_value_in_its_own_unit():
+    cache = RecordingCache()
+    timings = Timings(decode_wait=0.011, inference=0.023, images=7, rejected={413: 1, 400: 2})
+    ServerMetrics(cache).record(requests=2, timings=timings, handle_seconds=0.05)
+    assert cache.calls == [
+        ("counter", "ImagesProcessed", 4, ""),
+        ("metric", "RequestsPerBatch", 2, "count"),
+        ("metric", "ImagesPerRequest", 3.5, "count"),
+        ("time", "DecodeWaitTime", pytest.approx(11.0), "ms"),
+        ("time", "InferenceTime", pytest.approx(23.0), "ms"),
+        ("time", "BatchHandleTime", pytest.approx(50.0), "ms"),
+        ("counter", "ImagesRejected", 2, "Status:400"),
+        ("counter", "ImagesRejected", 1, "Status:413"),
+    ]
 
 
 def test_a_model_that_fails_to_compile_falls_back_to_eager(model_dir, imagenet_photos, monkeypatch, caplog):

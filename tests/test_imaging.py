@@ -1,6 +1,7 @@
 """The per-image decode/transform against the full-decode reference, on real photos."""
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -177,3 +178,100 @@ def test_formats_outside_the_allowed_list_are_refused(mixed_images):
     spec = TransformSpec(**{**SPEC.__dict__, "allowed_formats": ("JPEG",)})
     result = decode_and_transform(mixed_images["photo.png"], spec)
     assert isinstance(result, ImageError) and result.status == 415
+
+
+# --- Boundaries and rare branches of the decoder ----------------------------------------------------------------
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size", [(1, 300), (300, 1), (1, 1)])
+def test_one_pixel_wide_or_high_images_are_decoded(size):
+    """The no-pixels check must start at 0: a 1-pixel line is a valid (if odd) image."""
+    crop = decode_and_transform(png_bytes(Image.new("RGB", size, (10, 200, 30))), SPEC)
+    assert not isinstance(crop, ImageError), crop
+    assert crop.shape == (224, 224, 3)
+    assert (crop == np.array([10, 200, 30], dtype=np.uint8)).all()  # a flat colour stays that colour
+
+
+@pytest.mark.parametrize("size", [(0, 5), (5, 0)])
+def test_an_image_without_pixels_is_refused_with_400(monkeypatch, size):
+    """No accepted format's parser lets a 0-pixel image through today; a decoder that does must not divide by 0."""
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: Image.new("RGB", size))
+    result = decode_and_transform(png_bytes(Image.new("RGB", (4, 4))), SPEC)
+    assert result == ImageError(400, "image has no pixels")
+
+
+def test_running_out_of_memory_while_decoding_gives_413(monkeypatch, imagenet_photos):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image, "load", out_of_memory)
+    result = decode_and_transform(imagenet_photos[0], SPEC)
+    assert isinstance(result, ImageError), result
+    assert result.status == 413
+    assert "too large to decode" in result.message
+
+
+@pytest.mark.parametrize(("value", "grey"), [
+    (-20.0, 0),     # below black: clipped to 0
+    (0.6, 0),       # fractions are truncated, not rounded
+    (99.9, 99),
+    (128.0, 128),
+    (254.99, 254),
+    (255.0, 255),
+    (300.5, 255),   # above white: clipped to 255
+])
+def test_float_images_are_clipped_and_truncated_to_grey(value, grey):
+    """Mode F (32-bit float grey, e.g. a TIFF from a scientific camera): grey levels 0..255, clipped."""
+    image = Image.fromarray(np.full((40, 60), value, dtype=np.float32), "F")
+    buffer = io.BytesIO()
+    image.save(buffer, "TIFF")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "F"
+    spec = TransformSpec(**{**SPEC.__dict__, "resize_size": 32, "crop_size": 32})
+    crop = decode_and_transform(buffer.getvalue(), spec)
+    assert not isinstance(crop, ImageError), crop
+    assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
+    assert (crop == grey).all(), (value, np.unique(crop))
+
+
+def test_a_float_image_keeps_its_grey_levels_in_place():
+    """A gradient in mode F: each column's level (clipped, truncated) survives a same-size decode."""
+    levels = np.array([-3.0, 0.0, 17.25, 64.5, 127.99, 200.0, 255.0, 511.0], dtype=np.float32)
+    columns = np.repeat(levels, 8)  # 8 px per level: 64 columns
+    image = Image.fromarray(np.tile(columns, (64, 1)), "F")
+    buffer = io.BytesIO()
+    image.save(buffer, "TIFF")
+    spec = TransformSpec(**{**SPEC.__dict__, "resize_size": 64, "crop_size": 64})
+    crop = decode_and_transform(buffer.getvalue(), spec)
+    expected = np.repeat(np.array([0, 0, 17, 64, 127, 200, 255, 255], dtype=np.uint8), 8)
+    # the middle column of each 8-px band is away from the filter's reach into the next band
+    np.testing.assert_array_equal(crop[32, 4::8, 0], expected[4::8])
+    np.testing.assert_array_equal(crop[..., 0], crop[..., 1])
+    np.testing.assert_array_equal(crop[..., 1], crop[..., 2])
+
+
+def test_warnings_other_than_the_decompression_bomb_warning_are_not_silenced(monkeypatch):
+    real_open = Image.open
+
+    def open_with_a_warning(*args, **kwargs):
+        warnings.warn("a plugin has something to say", UserWarning, stacklevel=2)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_with_a_warning)
+    with pytest.warns(UserWarning, match="a plugin has something to say"):
+        crop = decode_and_transform(png_bytes(Image.new("RGB", (8, 8))), SPEC)
+    assert crop.shape == (224, 224, 3)
+
+
+def test_an_image_over_pils_warning_size_is_refused_quietly():
+    """90 MP passes Pillow's warning threshold (89.5 MP), below its error: our own limit answers, no warning."""
+    assert Image.MAX_IMAGE_PIXELS < 10_000 * 9_000 < 2 * Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = decode_and_transform(png_declaring(10_000, 9_000), SPEC)
+    assert isinstance(result, ImageError) and result.status == 413
