@@ -311,10 +311,10 @@ def _parse_output_kinds(value: Any) -> frozenset[str] | None:
     names = [name.strip() for name in value.split(",")] if isinstance(value, str) else value
     expected = f"outputs must name one or more of {', '.join(OUTPUT_KINDS)}, e.g. [\"topk\", \"embedding\"]"
     if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
-        raise RequestError(400, f"{expected}; got {_preview(value)}")
+        raise RequestError(400, f"{expected}; got {oip.preview(value)}")
     unknown = [name for name in names if name not in OUTPUT_KINDS]
     if unknown:
-        raise RequestError(400, f"{expected}; {_preview(unknown[0])} is not one of them")
+        raise RequestError(400, f"{expected}; {oip.preview(unknown[0])} is not one of them")
     return frozenset(names)
 
 
@@ -328,10 +328,10 @@ def _parse_topk(value: Any, limits: Limits) -> int | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(400, f"topk must be a whole number; got {_preview(value)}")
+        raise RequestError(400, f"topk must be a whole number; got {oip.preview(value)}")
     topk = value
     if not 1 <= topk <= limits.max_topk:
-        raise RequestError(400, f"topk must be between 1 and {limits.max_topk}; got {topk}")
+        raise RequestError(400, f"topk must be between 1 and {limits.max_topk}; got {oip.preview(topk)}")
     return topk
 
 
@@ -343,13 +343,9 @@ def _json_kind(value: Any) -> str:
         return "boolean"
     if isinstance(value, (int, float)):
         return "number"
-    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
-
-
-def _preview(value: Any, length: int = 40) -> str:
-    """A short, printable rendering of a client's value for an error message."""
-    text = ascii(value)
-    return text if len(text) <= length else text[:length] + "..."
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
 
 
 def _check_count(count: int, limits: Limits) -> None:

@@ -81,7 +81,7 @@ def header_length(value: str | int, body_size: int) -> int:
     text = str(value).strip()
     if not text.isdigit() or not 0 < int(text) <= body_size:
         raise OipError(f"{HEADER_LENGTH} must be the byte length of the JSON header, between 1 and the body's "
-                       f"{body_size} bytes; got {_preview(value)}")
+                       f"{body_size} bytes; got {preview(value)}")
     return int(text)
 
 
@@ -133,7 +133,7 @@ def parse_request(header: Any, binary: bytes | bytearray | memoryview, max_eleme
     binary_output = _flag(parameters, "binary_data_output", "the request's parameters")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise OipError(f"\"id\" must be a string; got {_preview(request_id)}")
+        raise OipError(f"\"id\" must be a string; got {preview(request_id)}")
 
     specs = [_input_spec(raw, index, datatypes) for index, raw in enumerate(raw_inputs)]
     total = sum(math.prod(spec[2]) for spec in specs)
@@ -305,12 +305,12 @@ def _input_spec(raw: Any, index: int, datatypes: Collection[str],
         raise OipError(f"{what} {index} needs a \"name\" string")
     datatype = raw.get("datatype")
     if datatype not in datatypes:
-        raise OipError(f"{what} {name!r}: datatype must be {' or '.join(datatypes)}; got {_preview(datatype)}")
+        raise OipError(f"{what} {name!r}: datatype must be {' or '.join(datatypes)}; got {preview(datatype)}")
     shape = raw.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
         raise OipError(f"{what} {name!r}: \"shape\" must be a list of non-negative whole numbers; "
-                       f"got {_preview(shape)}")
+                       f"got {preview(shape)}")
     parameters = _object(raw.get("parameters"), f"the parameters of {what} {name!r}")
     if "shared_memory_region" in parameters:
         raise OipError(f"{what} {name!r}: shared memory is not supported; send the data in the body")
@@ -322,7 +322,7 @@ def _input_spec(raw: Any, index: int, datatypes: Collection[str],
         raise OipError(f"{what} {name!r} has both \"data\" and binary_data_size; give one")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         raise OipError(f"{what} {name!r}: binary_data_size must be a non-negative whole number of bytes; "
-                       f"got {_preview(size)}")
+                       f"got {preview(size)}")
     if has_data and not isinstance(raw["data"], list):
         raise OipError(f"{what} {name!r}: \"data\" must be a list")
     return name, datatype, tuple(shape), raw.get("data"), size
@@ -369,7 +369,7 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
             raise OipError(f"output {item['name']!r}: shared memory is not supported")
         binary = parameters.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
-            raise OipError(f"output {item['name']!r}: binary_data must be true or false; got {_preview(binary)}")
+            raise OipError(f"output {item['name']!r}: binary_data must be true or false; got {preview(binary)}")
         outputs.append(RequestedOutput(item["name"], binary))
     names = [output.name for output in outputs]
     if len(set(names)) != len(names):
@@ -381,17 +381,17 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise OipError(f"{what} must be a JSON object; got {_preview(value)}")
+        raise OipError(f"{what} must be a JSON object; got {preview(value)}")
     return dict(value)
 
 
 def _flag(parameters: Mapping[str, Any], key: str, where: str) -> bool:
     value = parameters.get(key, False)
     if not isinstance(value, bool):
-        raise OipError(f"{key} in {where} must be true or false; got {_preview(value)}")
+        raise OipError(f"{key} in {where} must be true or false; got {preview(value)}")
     return value
 
 
-def _preview(value: Any, length: int = 40) -> str:
+def preview(value: Any, length: int = 40) -> str:
     text = ascii(value)
     return text if len(text) <= length else text[:length] + "..."

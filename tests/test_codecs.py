@@ -412,7 +412,7 @@ def test_b64_objects_are_accepted_as_items_of_images_and_kserve_v2_data():
 
 
 @pytest.mark.parametrize("item, kind", [(7, "number"), (2.5, "number"), (None, "null"), (True, "boolean"),
-                                        (["abc"], "array"), ({"data": "abc"}, ""), ({"b64": 5}, "")])
+                                        (["abc"], "array"), ({"data": "abc"}, "object"), ({"b64": 5}, "")])
 def test_an_item_that_is_not_a_string_is_a_400_naming_its_index_and_its_json_kind(item, kind):
     parsed = parse_request({"body": {"images": [b64(JPEG), item]}}, LIMITS)
     assert parsed.payloads[0] == JPEG
@@ -542,3 +542,13 @@ def test_kserve_v2_response_names_its_output_and_datatype_and_passes_other_tenso
         {"name": "embeddings", "datatype": "FP32", "shape": [1, 2], "data": [0.5, -1.0]},
         {"name": "predictions", "datatype": "BYTES", "shape": [1], "data": ['{"topk": []}']},
     ]
+
+
+@pytest.mark.parametrize("topk", ["x" * 1000, "9" * 1000, 10**1000])
+def test_a_long_value_is_shortened_in_its_error_message(topk):
+    """Error messages echo a client's value in at most 40 characters and an ellipsis, never the whole of it."""
+    with pytest.raises(RequestError) as error:
+        parse_request({"body": {"images": [b64(JPEG)], "topk": topk}}, LIMITS)
+    assert error.value.status == 400
+    echoed = error.value.message.rpartition("got ")[2]
+    assert len(echoed) == 43 and echoed.endswith("...") and echoed[:40] in ascii(topk), error.value.message

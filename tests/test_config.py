@@ -130,6 +130,7 @@ def test_values_just_outside_the_valid_range_are_rejected(settings, message):
     {"max_workers": 1},
     {"draft_margin": 1.0},
     {"resize_size": 224, "crop_size": 224},
+    {"allowed_formats": ["JPEG"]},
 ])
 def test_the_smallest_valid_values_are_accepted(settings):
     config = HandlerConfig.from_mapping(settings)

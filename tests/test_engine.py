@@ -203,6 +203,29 @@ def test_device_decoder_path_matches_the_pool_path_and_routes_the_rest(small_mod
     pool_only.close()
 
 
+def test_an_image_the_device_decoder_gives_back_is_classified_through_the_pool_in_its_place(small_model,
+                                                                                            imagenet_photos):
+    """The device decoder read the header but its output is blank (a skipped image): that image, and only
+    that one, is decoded again by the pool and keeps its own place."""
+    real = torchvision_backend()
+
+    def blanks_the_second(data, device):
+        decoded = real.decode_batch(data, device)
+        return [decoded[0], torch.zeros_like(decoded[1]), *decoded[2:]]
+
+    payloads = imagenet_photos[:4]
+    config = make_config(max_batch=4)
+    decoder = DeviceJpegDecoder(transform_spec(config), torch.device("cpu"),
+                                backend=JpegBackend("blanks", blanks_the_second, upright=False))
+    with_decoder = InferenceEngine(config, small_model, torch.device("cpu"), device_decoder=decoder)
+    pool_only = engine_for(small_model, max_batch=4)
+    ours, expected = with_decoder.predict(payloads), pool_only.predict(payloads)
+    assert [i for i, _ in expected[0]] != [i for i, _ in expected[1]]  # the images are told apart
+    assert_same_predictions(ours, expected, tolerance=5e-3)
+    with_decoder.close()
+    pool_only.close()
+
+
 def test_device_decode_is_automatic_only_on_cuda():
     assert device_decoder_for(make_config(), torch.device("cpu")) is None
     assert device_decoder_for(make_config(decode_device="cpu"), torch.device("cuda", 0)) is None
@@ -349,7 +372,8 @@ def test_an_error_outside_the_model_steps_is_judged_too(small_model, imagenet_ph
 
 
 @pytest.mark.parametrize(("error", "lost", "probed"), [(out_of_memory, True, False), (sticky_error, False, True)])
-def test_failures_the_device_survives_cost_only_their_chunk(small_model, imagenet_photos, error, lost, probed):
+def test_failures_the_device_survives_cost_only_their_chunk(small_model, imagenet_photos, error, lost, probed,
+                                                           caplog):
     """Out of memory is contained without asking the device; anything else only if the device still works."""
     calls = []
 
@@ -366,6 +390,8 @@ def test_failures_the_device_survives_cost_only_their_chunk(small_model, imagene
     assert [isinstance(result, ImageError) and result.status == 500 for result in results] == [
         False, False, True, True, False]
     assert (("probe",) in runtime.log) == probed
+    assert "inference failed for a chunk of 2 images" in caplog.text  # the cause is in the server log
+    assert {result.message for result in results[2:4]} == {"inference failed for this image; see the server log"}
     engine.close()
 
 

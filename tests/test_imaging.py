@@ -128,6 +128,19 @@ def test_sixteen_bit_grey_keeps_its_top_byte():
     np.testing.assert_array_equal(decode_and_transform(buffers["I;16"], SPEC), decode_and_transform(buffers["L"], SPEC))
 
 
+@pytest.mark.parametrize("file_format", ["PNG", "WEBP"])
+def test_exif_orientation_outside_jpeg_is_applied_too(imagenet_photos, file_format):
+    """A PNG or WEBP stored landscape with orientation 6 gives the crop of the same picture stored upright."""
+    stored = Image.open(io.BytesIO(imagenet_photos[0])).convert("RGB").resize((300, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    tagged, upright = io.BytesIO(), io.BytesIO()
+    stored.save(tagged, file_format, exif=exif, lossless=True)
+    stored.transpose(Image.Transpose.ROTATE_270).save(upright, file_format, lossless=True)
+    ours = decode_and_transform(tagged.getvalue(), SPEC)
+    assert np.array_equal(ours, decode_and_transform(upright.getvalue(), SPEC))
+
+
 def test_animated_gif_uses_first_frame():
     frames = [Image.new("RGB", (300, 300), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     buffer = io.BytesIO()
@@ -156,6 +169,8 @@ def test_input_bytes_are_not_modified(imagenet_photos, mixed_images):
         (lambda photos: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 415, "unsupported"),
         (lambda photos: photos[0][:2] + b"\x00" * 500, 415, "unsupported or unrecognised image format"),
         (lambda photos: b"II*\x00" + b"\x00" * 40, 400, "starts like a TIFF file"),
+        (lambda photos: b"RIFF\x24\x00\x00\x00WEBP" + b"\xff" * 40, 400, "starts like a WEBP file"),
+        (lambda photos: b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 40, 415, "unsupported or unrecognised"),
     ],
 )
 def test_bad_images_get_a_clear_error_instead_of_an_exception(imagenet_photos, make, status, fragment):
