@@ -4,7 +4,15 @@ import json
 import pytest
 
 from handler import codecs, oip
-from handler.codecs import ImageError, Limits, ParsedRequest, RequestError, encode_response, parse_request
+from handler.codecs import (
+    ImageError,
+    Limits,
+    ParsedRequest,
+    RequestError,
+    encode_response,
+    json_nested_deeper_than,
+    parse_request,
+)
 
 LIMITS = Limits(max_images=4, max_image_bytes=1000, max_topk=1000)
 JPEG = b"\xff\xd8\xff\xe0fake-but-nonempty"
@@ -200,6 +208,10 @@ def test_oip_outputs_json_by_default_and_binary_when_asked():
              "outputs": [{"name": "predictions", "parameters": {"binary_data": False}}]}
     parsed = parse_request({"body": asked}, LIMITS)
     assert parsed.outputs == (oip.RequestedOutput("predictions", False),) and parsed.topk == 2
+    named_without_a_choice = {**header, "parameters": {"binary_data_output": True},
+                              "outputs": [{"name": "predictions"}, {"name": "embeddings"}]}
+    assert parse_request({"body": named_without_a_choice}, LIMITS).outputs == (
+        oip.RequestedOutput("predictions", True), oip.RequestedOutput("embeddings", True))
     with pytest.raises(RequestError) as error:
         parse_request({"body": {**header, "outputs": [{"name": "logits"}]}}, LIMITS)
     assert error.value.status == 400
@@ -552,3 +564,13 @@ def test_a_long_value_is_shortened_in_its_error_message(topk):
     assert error.value.status == 400
     echoed = error.value.message.rpartition("got ")[2]
     assert len(echoed) == 43 and echoed.endswith("...") and echoed[:40] in ascii(topk), error.value.message
+
+
+def test_a_shallow_body_with_many_brackets_is_not_too_deep():
+    """Only nesting counts against the depth limit, not how many objects and arrays a body holds."""
+    assert not json_nested_deeper_than(b"[" + b"[{}]," * 200 + b"[]]", 32)
+    assert json_nested_deeper_than(b"[" * 33 + b"]" * 33, 32)
+    assert not json_nested_deeper_than(b"[" * 32 + b"]" * 32, 32)
+    items = [{"b64": b64(JPEG)} for _ in range(40)]
+    limits = Limits(max_images=40, max_image_bytes=LIMITS.max_image_bytes, max_topk=LIMITS.max_topk)
+    assert parse_request({"body": json.dumps({"images": items}).encode()}, limits).payloads == [JPEG] * 40
