@@ -226,6 +226,13 @@ def test_an_image_the_device_decoder_gives_back_is_classified_through_the_pool_i
     pool_only.close()
 
 
+def test_a_request_topk_overrides_the_configured_one(small_model, imagenet_photos):
+    engine = engine_for(small_model)
+    assert [len(result) for result in engine.predict(imagenet_photos[:2], topk=3)] == [3, 3]
+    assert [len(result) for result in engine.predict(imagenet_photos[:2])] == [engine.config.topk] * 2 != [3, 3]
+    engine.close()
+
+
 def test_device_decode_is_automatic_only_on_cuda():
     assert device_decoder_for(make_config(), torch.device("cpu")) is None
     assert device_decoder_for(make_config(decode_device="cpu"), torch.device("cuda", 0)) is None
@@ -744,11 +751,18 @@ def test_timings_measure_decode_wait_and_inference(monkeypatch):
     items = [crops[0], crops[1], ImageError(400, "bad"), crops[2], crops[3], crops[4], crops[5]]
     engine = InferenceEngine(make_config(max_batch=2, **TINY), model, torch.device("cpu"),
                              preprocessor=ClockedPreprocessor(clock))
+    collect = engine._collect
+
+    def slow_collect(*args):
+        clock.now += 0.5  # reading each chunk's results 'takes' 0.5 s
+        return collect(*args)
+
+    engine._collect = slow_collect
     results = engine.predict(items)
     assert results[2] == ImageError(400, "bad") and sum(isinstance(r, list) for r in results) == 6
     timings = engine.last_timings
     assert timings.decode_wait == pytest.approx(7.0)  # 7 items, 1 s each
-    assert timings.inference == pytest.approx(30.0)   # 3 chunks of 2, 10 s each
+    assert timings.inference == pytest.approx(31.5)   # 3 chunks of 2, 10 s each, and 3 collects of 0.5 s
     assert (timings.images, timings.rejected) == (7, {400: 1})
 
 
