@@ -393,5 +393,6 @@ def _flag(parameters: Mapping[str, Any], key: str, where: str) -> bool:
 
 
 def preview(value: Any, length: int = 40) -> str:
+    """A client's value as error messages show it: printable, at most ``length`` characters and "..."."""
     text = ascii(value)
     return text if len(text) <= length else text[:length] + "..."
