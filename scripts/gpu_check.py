@@ -142,6 +142,13 @@ def environment() -> dict[str, Any]:
     }
 
 
+def run_child(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a Python snippet in a fresh interpreter that imports from the repository and scripts/."""
+    path = os.pathsep.join(str(folder) for folder in (REPO, REPO / "scripts"))
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": path}, timeout=300)
+
+
 LOADED_TS_CHILD = """
 import importlib, sys
 
@@ -156,9 +163,7 @@ def check_torchserve_free() -> Check:
     and list what of TorchServe got loaded; also look for import lines in the sources."""
     sources = {name: (REPO / (name.replace(".", "/") + ".py")).read_text() for name in ENGINE_MODULES}
     static = [name for name, source in sources.items() if TS_IMPORT.search(source)]
-    path = os.pathsep.join(str(folder) for folder in (REPO, REPO / "scripts"))
-    child = subprocess.run([sys.executable, "-c", LOADED_TS_CHILD, ",".join(ENGINE_MODULES)], cwd=REPO,
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}, timeout=300)
+    child = run_child(LOADED_TS_CHILD, ",".join(ENGINE_MODULES))
     loaded = [m for m in child.stdout.strip().split(",") if m]
     return judged(child.returncode == 0 and not static and not loaded, "an engine module imports TorchServe",
                   modules_importing_ts=static, ts_modules_loaded=loaded, stderr_tail=child.stderr[-2000:])
@@ -178,10 +183,7 @@ def check_light_imports() -> Check:
     """Import the engine and everything this script imports in a child process where the heavy modules are missing
     (torch imports some of them optionally when they happen to be installed, so sys.modules here proves nothing)."""
     modules = (*ENGINE_MODULES, "gpu_corpus", "baselines", "bench_common", "reference")
-    path = os.pathsep.join(str(folder) for folder in (REPO, REPO / "scripts"))
-    command = [sys.executable, "-c", BLOCKED_IMPORTS_CHILD, ",".join(HEAVY_MODULES), ",".join(modules)]
-    child = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path},
-                           timeout=300)
+    child = run_child(BLOCKED_IMPORTS_CHILD, ",".join(HEAVY_MODULES), ",".join(modules))
     return judged(child.returncode == 0, "needs a module a bare GPU box lacks", blocked=HEAVY_MODULES,
                   imported=modules, stderr_tail=child.stderr[-2000:])
 

@@ -42,6 +42,7 @@ KEY_FILE_NAME = "key_file.json"
 TRANSPORTS = ("oip-binary", "oip-json", "json", "multipart", "raw", "grpc")
 DEFAULT_TRANSPORT = "oip-binary"
 OUTPUTS = ("topk", "embedding")  # what an entry may hold: the top-k classes, the image's embedding
+DEFAULT_OUTPUTS = ("topk",)  # what the server answers when a request names no outputs
 # Split so that no request is big: TorchServe's frontend moves one 100 MB body at ~55 MB/s but 16 bodies of
 # 6.5 MB at ~300 MB/s (docs/benchmarks.md). Small photos: one request of up to 32 images is as fast as any split.
 DEFAULT_MAX_IMAGES = 32  # images per request; the server's own limit is max_images_per_request (64)
@@ -100,14 +101,14 @@ class Client:
                  transport: str = DEFAULT_TRANSPORT, max_images: int = DEFAULT_MAX_IMAGES,
                  max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = DEFAULT_CONCURRENCY,
                  topk: int | None = None, timeout: float = 300, grpc_address: str | None = None,
-                 outputs: Sequence[str] = ("topk",)) -> None:
+                 outputs: Sequence[str] = DEFAULT_OUTPUTS) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {transport!r}")
         if min(max_images, max_bytes, concurrency) < 1:
             raise ValueError("max_images, max_bytes and concurrency must be at least 1")
         if not outputs or not set(outputs) <= set(OUTPUTS):
             raise ValueError(f"outputs must name one or more of {', '.join(OUTPUTS)}; got {list(outputs)}")
-        if (topk is not None or set(outputs) != {"topk"}) and transport == "raw":
+        if (topk is not None or set(outputs) != set(DEFAULT_OUTPUTS)) and transport == "raw":
             raise ValueError("options (topk, outputs) cannot travel with a raw body; choose another transport")
         self.url = url.rstrip("/")
         self.model = model
@@ -181,7 +182,7 @@ class Client:
             response = self._post(url, data=body, headers=headers)
         elif self.transport == "json":
             body: dict[str, Any] = {"images": [base64.b64encode(p).decode() for p in payloads]}
-            if self.outputs != ("topk",):
+            if self.outputs != DEFAULT_OUTPUTS:
                 body["outputs"] = list(self.outputs)
             if self.topk is not None:
                 body["topk"] = self.topk
@@ -189,7 +190,7 @@ class Client:
         elif self.transport == "multipart":
             files: dict[str, Any] = {f"image{i}": (f"image{i}", p, "application/octet-stream")
                                      for i, p in enumerate(payloads)}
-            if self.outputs != ("topk",):
+            if self.outputs != DEFAULT_OUTPUTS:
                 files["outputs"] = (None, ",".join(self.outputs))
             if self.topk is not None:
                 files["topk"] = (None, str(self.topk))
