@@ -17,7 +17,8 @@ from typing import Any
 
 DECODE_STRATEGIES = ("threads", "dataloader", "inline")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BACKENDS = ("auto", "eager", "inductor", "openvino")
 INTERPOLATIONS = ("bilinear", "bicubic")
 START_METHODS = ("forkserver", "spawn", "fork")
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -66,10 +67,15 @@ class HandlerConfig:
     max_batch: int = 32
     device: str = "auto"
     decode_device: str = "auto"  # auto: JPEGs decoded on the model's GPU when it has one
-    precision: str = "fp32"
+    # auto: bf16 on a CPU with native bf16 (AMX/AVX512-BF16), fp16 on CUDA, fp32 otherwise; a reduced
+    # precision serves only if it passes the accuracy gate against fp32 (handler.backends).
+    precision: str = "auto"
     channels_last: bool = True
-    batch_buckets: tuple[int, ...] = ()  # empty: no padding (CPU); see resolved_buckets()
-    compile: bool = False
+    batch_buckets: tuple[int, ...] = ()  # empty: no padding (CPU, eager/openvino); see resolve_buckets()
+    # The model step: auto picks the fastest that is installed and works on the device (handler.backends).
+    backend: str = "auto"
+    # Compile/convert caches that survive a worker restart; empty: $XDG_CACHE_HOME (or ~/.cache)/image-batch-handler
+    cache_dir: str = ""
     torch_threads: int = 0  # 0: derived from the cores and max_workers
     warmup: bool = True
 
@@ -123,6 +129,7 @@ class HandlerConfig:
             self.precision in PRECISIONS,
             f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}",
         )
+        _require(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         _require(all(b >= 1 for b in self.batch_buckets), "every batch bucket must be greater than 0")
         _require(
             list(self.batch_buckets) == sorted(set(self.batch_buckets)),
@@ -148,6 +155,13 @@ class HandlerConfig:
         return max(1, self.cpu_count // self.max_workers)
 
     @property
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base) / "image-batch-handler"
+
+    @property
     def intra_op_threads(self) -> int:
         if self.torch_threads:
             return self.torch_threads
@@ -168,6 +182,9 @@ class HandlerConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> HandlerConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        if "compile" in values:
+            raise ConfigError("the handler setting 'compile' was replaced by 'backend': write backend: inductor "
+                              "for torch.compile (or auto: the fastest backend installed here), eager for none")
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ConfigError(

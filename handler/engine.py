@@ -23,13 +23,14 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 
+from handler.backends import ModelStep, eager_step
 from handler.codecs import DEFAULT_OUTPUTS, OUTPUT_KINDS, TOPK, ImageError, Payload
 from handler.config import ConfigError, HandlerConfig
 from handler.device import DeviceLost, DeviceRuntime, PendingHost, StagingBuffers
 from handler.device_decode import DeviceJpegDecoder
-from handler.model import eager_model, model_dtype
 from handler.outputs import (
     Forward,
     Prediction,
@@ -43,20 +44,20 @@ from handler.preprocess import Decoded, Preprocessor, transform_spec
 logger = logging.getLogger(__name__)
 
 ChunkOutputs = dict[str, torch.Tensor]  # output name -> tensor with one row per image of the chunk
-DEFAULT_CUDA_BUCKETS = (1, 8, 32)
+DEFAULT_BUCKETS = (1, 8, 32)
 # Without buckets (CPU), the first forward at each new batch size builds new oneDNN kernels (~1 s for
 # ResNet-50 here); warm the small sizes that TorchServe's request batching produces, and max_batch.
 CPU_WARMUP_SMALL_SIZES = 8
 
 
-def resolve_buckets(config: HandlerConfig, device: torch.device) -> tuple[int, ...]:
-    """Batch sizes the model ever sees. On CUDA, and whenever the model is compiled, a few fixed shapes:
-    cudnn tunes and torch.compile specializes (static shapes) only for those, at start-up."""
+def resolve_buckets(config: HandlerConfig, device: torch.device, static_shapes: bool = False) -> tuple[int, ...]:
+    """Batch sizes the model ever sees. On CUDA, and for a model step with static shapes (inductor), a few
+    fixed shapes: cudnn tunes and torch.compile specializes only for those, at start-up."""
     if config.batch_buckets:
         return config.batch_buckets
-    if device.type != "cuda" and not config.compile:
+    if device.type != "cuda" and not static_shapes:
         return ()
-    return tuple(sorted({b for b in DEFAULT_CUDA_BUCKETS if b < config.max_batch} | {config.max_batch}))
+    return tuple(sorted({b for b in DEFAULT_BUCKETS if b < config.max_batch} | {config.max_batch}))
 
 
 def device_decoder_for(config: HandlerConfig, device: torch.device,
@@ -119,23 +120,38 @@ class InferenceEngine:
         preprocessor: Preprocessor | None = None,
         device_decoder: DeviceJpegDecoder | None = None,
         runtime: DeviceRuntime | None = None,
+        step: ModelStep | None = None,
     ) -> None:
+        """``model``: the eager fp32 module; ``step``: how it runs (handler.backends; default eager, in the
+        configured precision when one is named)."""
         self.config = config
-        self.model = model
         self.device = device
-        self.dtype = model_dtype(config, device)
         self.runtime = runtime or DeviceRuntime(device, config.pin_memory)
         self.preprocessor = preprocessor or Preprocessor(config)
         self.device_decoder = device_decoder or device_decoder_for(config, device, self.runtime)
-        self.buckets = resolve_buckets(config, device)
+        precision = "fp32" if config.precision == "auto" else config.precision
+        self.use_step(step or eager_step(model, precision, config.channels_last))
         # The width of the model's embeddings; None when it gives logits only (see handler.outputs).
-        self.embedding_size: int | None = getattr(eager_model(model), "embedding_size", None)
+        self.embedding_size: int | None = getattr(model, "embedding_size", None)
         self.last_timings = Timings()
         self.staging = StagingBuffers(self.runtime, 2, (config.max_batch, config.crop_size, config.crop_size, 3))
         self._mean = torch.tensor(config.mean, device=device).mul(255).view(1, 3, 1, 1)
         self._inv_std = torch.tensor(config.std, device=device).mul(255).reciprocal().view(1, 3, 1, 1)
-        if device.type == "cuda" and self.buckets:
+
+    def use_step(self, step: ModelStep) -> None:
+        """Serve with ``step`` from now on (warm it up before the first request)."""
+        self.step = step
+        self.buckets = resolve_buckets(self.config, self.device, step.static_shapes)
+        if self.device.type == "cuda" and self.buckets:
             torch.backends.cudnn.benchmark = True
+
+    def normalized(self, payloads: Sequence[Payload]) -> torch.Tensor | None:
+        """The images among ``payloads`` that decode, preprocessed as requests are: float32 NCHW on the device
+        (the accuracy gate's input). None when none decodes."""
+        crops = [crop for crop in self.preprocessor.map(payloads) if not isinstance(crop, ImageError)]
+        if not crops:
+            return None
+        return self.normalize(torch.from_numpy(numpy.stack(crops)).to(self.device))
 
     def warm_up(self) -> list[int]:
         """Run the model once per batch size it will see often, and the device decoder once per bucket, so
@@ -289,17 +305,18 @@ class InferenceEngine:
         return batch
 
     def normalize(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC on the device -> normalized NCHW in the model's dtype (input left untouched)."""
+        """uint8 NHWC on the device -> normalized float32 NCHW (input left untouched); the model step casts it
+        to its own precision."""
         # NHWC permuted to NCHW is already channels_last in memory: no copy needed for it.
         images = batch_nhwc.permute(0, 3, 1, 2).float().sub_(self._mean).mul_(self._inv_std)
         if not self.config.channels_last:
             images = images.contiguous()
-        return images.to(self.dtype)
+        return images
 
     def _forward(self, batch_nhwc: torch.Tensor, count: int, request: Request) -> ChunkOutputs:
         images = self.normalize(batch_nhwc)
         with torch.inference_mode():
-            output = self.model(images)
+            output = self.step(images)
         features, logits = output if isinstance(output, tuple) else (None, output)
         forward = Forward(logits[:count], None if features is None else features[:count])
         return outputs_on_device(forward, request)

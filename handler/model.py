@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 BUILD_INFO_FILE = "build_info.json"  # written by scripts/build_mar.py: what the archive holds, and from where
 LABELS_FILE = "index_to_name.json"
+GATE_IMAGES_DIR = "gate_images"  # real photos in the archive: reduced precision and backends are checked on them
 UNTRAINED_WARNING = (
     "THE MODEL WEIGHTS ARE UNTRAINED (random initialisation, seed {seed}): predictions are meaningless. "
     "Serve your own weights: scripts/serve.sh --arch NAME --weights FILE"
@@ -33,14 +34,9 @@ def resolve_device(requested: str, gpu_id: int | None = None) -> torch.device:
     return torch.device("cuda", gpu_id or 0)
 
 
-def model_dtype(config: HandlerConfig, device: torch.device) -> torch.dtype:
-    if config.precision == "fp16" and device.type == "cpu":
-        raise ConfigError("precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.precision]
-
-
 def load_model(config: HandlerConfig, weights_path: Path, device: torch.device) -> torch.nn.Module:
-    """Load weights (state_dict, or TorchScript when architecture is 'torchscript') in eval mode.
+    """Load weights (state_dict, or TorchScript when architecture is 'torchscript') in eval mode, fp32 (the
+    model step, handler.backends, makes its own reduced-precision copy).
 
     A model with a final Linear head comes split (handler.outputs.SplitClassifier): one forward gives its
     pooled features (the embedding) and its logits.
@@ -59,10 +55,7 @@ def load_model(config: HandlerConfig, weights_path: Path, device: torch.device) 
         check_weights_fit(model, state_dict, config.architecture)
         model.load_state_dict(state_dict)
         model = split_classifier(model, config.num_classes) or model
-    model = model.to(device=device, dtype=model_dtype(config, device)).eval()
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return model.to(device=device, dtype=torch.float32).eval()
 
 
 class WeightsMismatch(ConfigError):
@@ -115,25 +108,6 @@ def check_weights_fit(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     for key in expected:
         if key not in state_dict:
             state_dict[key] = expected[key]  # the absent num_batches_tracked counters
-
-
-def compile_or_eager(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """torch.compile when asked and available; the eager model otherwise (never fails start-up).
-
-    Static shapes: one graph per batch bucket, each compiled at warm-up. By default the second batch size
-    would recompile the model for dynamic shapes, slower to build and to run.
-    """
-    if not enabled:
-        return model
-    try:
-        return torch.compile(model, dynamic=False)
-    except Exception:  # compile support varies by platform and version: eager still serves
-        logger.warning("torch.compile is unavailable; serving the eager model", exc_info=True)
-        return model
-
-
-def eager_model(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)
 
 
 def read_build_info(model_dir: Path) -> dict[str, Any]:

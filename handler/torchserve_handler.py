@@ -19,6 +19,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler import oip
+from handler.backends import EAGER, choose_model_step, eager_step, weights_key
 from handler.codecs import (
     EMBEDDING,
     TOPK,
@@ -34,9 +35,8 @@ from handler.config import HandlerConfig
 from handler.device import DeviceLost, end_process
 from handler.engine import InferenceEngine, Timings
 from handler.model import (
+    GATE_IMAGES_DIR,
     LABELS_FILE,
-    compile_or_eager,
-    eager_model,
     load_labels,
     load_model,
     read_build_info,
@@ -112,28 +112,37 @@ class ImageBatchHandler(BaseHandler):
             max_image_bytes=self.config.max_image_bytes,
             max_topk=self.config.num_classes,
         )
-        self.engine = InferenceEngine(self.config, compile_or_eager(model, self.config.compile), self.device)
-        if self.config.warmup or self.config.compile:
-            self._warm_up()
+        self.engine = InferenceEngine(self.config, model, self.device, step=eager_step(model, "fp32"))
+        gate = self.engine.normalized(read_gate_images(model_dir / GATE_IMAGES_DIR))
+        step, self.step_choice = choose_model_step(self.config, model, self.device, gate,
+                                                   weights_key(weights_path, self.config))
+        logger.info("%s", self.step_choice.describe())
+        self.engine.use_step(step)
+        if self.config.warmup or step.backend != EAGER:
+            self._warm_up(model)
         self.initialized = True
         logger.info(
-            "image batch handler ready: device=%s strategy=%s pool=%d torch_threads=%d max_batch=%d",
+            "image batch handler ready: device=%s strategy=%s pool=%d torch_threads=%d max_batch=%d step=%s",
             self.device, self.config.decode_strategy, self.config.pool_size,
-            self.config.intra_op_threads, self.config.max_batch,
+            self.config.intra_op_threads, self.config.max_batch, self.engine.step.describe(),
         )
         warn_if_oversubscribed(self.config, live_backend_workers())
 
-    def _warm_up(self) -> None:
-        """Run every bucket once; a model that fails to compile here is replaced by its eager self."""
+    def _warm_up(self, model: torch.nn.Module) -> None:
+        """Run every bucket once (compiling each, for a static-shape step); a step that fails here is replaced
+        by the eager fp32 model."""
+        started = time.perf_counter()
         try:
             sizes = self.engine.warm_up()
         except Exception:
-            if self.engine.model is eager_model(self.engine.model):
+            if self.engine.step.backend == EAGER and self.engine.step.exact:
                 raise
-            logger.warning("the compiled model failed during warm-up; serving the eager model", exc_info=True)
-            self.engine.model = eager_model(self.engine.model)
+            logger.warning("model step %s failed during warm-up; serving eager fp32", self.engine.step.describe(),
+                           exc_info=True)
+            self.engine.use_step(eager_step(model, "fp32", self.config.channels_last))
             sizes = self.engine.warm_up()
-        logger.info("warmed up batch sizes %s on %s", sizes, self.device)
+        logger.info("warmed up batch sizes %s on %s with %s in %.1f s (%d graphs built)", sizes, self.device,
+                    self.engine.step.describe(), time.perf_counter() - started, self.engine.step.graphs_built())
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         """One answer per request, always: whatever one request holds, the others are answered normally.
@@ -235,6 +244,11 @@ def embeddings_tensor(results: list[Prediction | ImageError], size: int) -> oip.
     (a real embedding is unit length), its error is in the ``predictions`` output."""
     rows = [[0.0] * size if isinstance(result, ImageError) else result[EMBEDDING] for result in results]
     return oip.Tensor("embeddings", oip.FP32, (len(rows), size), [value for row in rows for value in row])
+
+
+def read_gate_images(folder: Path) -> list[bytes]:
+    """The archive's real photos for the accuracy gate (scripts/build_mar.py packs them); none if absent."""
+    return [path.read_bytes() for path in sorted(folder.glob("*.jpg"))] if folder.is_dir() else []
 
 
 def _request_header(context: Any, index: int, name: str) -> str | None:

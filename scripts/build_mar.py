@@ -51,6 +51,7 @@ from handler.architectures import (  # noqa: E402
 from handler.config import ConfigError, HandlerConfig  # noqa: E402
 from handler.model import (  # noqa: E402
     BUILD_INFO_FILE,
+    GATE_IMAGES_DIR,
     LABELS_FILE,
     UNTRAINED_WARNING,
     check_weights_fit,
@@ -60,6 +61,8 @@ from handler.model import (  # noqa: E402
 DEMO_ARCH = "timm:tf_efficientnet_lite0"
 DEMO_MODEL_NAME = "efficientnet_lite0"
 DEFAULT_NUM_CLASSES = 1000
+GATE_IMAGE_COUNT = 24  # real photos packed into the archive for the model step's accuracy gate
+GATE_IMAGE_SEED = 11  # other crops than the test corpus (seed 0)
 
 
 class BuildError(Exception):
@@ -278,12 +281,16 @@ def build(args: argparse.Namespace) -> Path:
             labels_path.write_text(json.dumps(imagenet_labels()))
         else:
             labels_path.write_text(json.dumps({str(i): str(i) for i in range(num_classes)}))
+        # torch-model-archiver copies a directory's *contents*: stage handler/ one level down.
+        package_root = stage / "package"
+        gate_images = write_gate_images(package_root / GATE_IMAGES_DIR)
+        if not args.skip_step_check:
+            handler_yaml = {**settings, "handler": section}
+            info["model_step"] = check_model_step(handler_yaml, weights_path, gate_images)
         info_path = stage / BUILD_INFO_FILE
         info_path.write_text(json.dumps(info, indent=2))
         config_path = stage / "model-config.yaml"
         config_path.write_text(yaml.safe_dump({**settings, "handler": section}, sort_keys=False))
-        # torch-model-archiver copies a directory's *contents*: stage handler/ one level down.
-        package_root = stage / "package"
         shutil.copytree(REPO / "handler", package_root / "handler",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         built = archive(name, weights_path, str(REPO / "handler" / "torchserve_handler.py"),
@@ -312,6 +319,40 @@ def torchscript_weights(args: argparse.Namespace) -> tuple[torch.nn.Module, dict
     except Exception as error:  # TorchScript raises several error types for a file that is not one
         raise BuildError(f"{args.weights} is not a TorchScript file ({error})") from None
     return model, {}, {"source": "file", "file": args.weights.name, "sha256": sha256(args.weights)}
+
+
+def write_gate_images(folder: Path) -> list[bytes]:
+    """Real photos (scikit-image's, as ImageNet-size JPEG crops) the server checks its model step against."""
+    from make_corpus import imagenet_set
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = imagenet_set(GATE_IMAGE_COUNT, seed=GATE_IMAGE_SEED)
+    for index, payload in enumerate(images):
+        (folder / f"gate_{index:02d}.jpg").write_bytes(payload)
+    return images
+
+
+def check_model_step(model_yaml: dict[str, Any], weights_path: Path, gate_images: list[bytes]) -> dict[str, Any]:
+    """Choose the model step here as the server will (same code, same gate photos), print and return the choice.
+
+    The server chooses again at start-up on its own machine, which may differ from this one.
+    """
+    from handler.backends import choose_model_step, eager_step, weights_key
+    from handler.engine import InferenceEngine
+    from handler.model import load_model, resolve_device
+
+    config = HandlerConfig.from_model_yaml(model_yaml)
+    torch.set_num_threads(config.intra_op_threads)
+    device = resolve_device(config.device)
+    model = load_model(config, weights_path, device)
+    engine = InferenceEngine(config, model, device, step=eager_step(model, "fp32"))
+    try:
+        gate = engine.normalized(gate_images)
+        _, choice = choose_model_step(config, model, device, gate, weights_key(weights_path, config))
+    finally:
+        engine.close()
+    print(f"  {choice.describe()}")
+    return {**choice.to_json(), "device": str(device), "checked_by": "build_mar.py on the build machine"}
 
 
 def print_resolution(name: str, rows: list[tuple[str, Any, str]], weights: dict[str, Any]) -> None:
@@ -384,6 +425,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--export-path", type=Path, default=REPO / "model_store")
     parser.add_argument("--force", action="store_true", help="replace an archive that holds another model")
     parser.add_argument("--if-changed", action="store_true", help="skip the build when nothing it uses changed")
+    parser.add_argument("--skip-step-check", action="store_true",
+                        help="do not choose and check the model step here (the server still does at start-up)")
     parser.add_argument("--stock", action="store_true",
                         help="also build <name>_stock.mar with TorchServe's image_classifier handler")
     args = parser.parse_args(argv)

@@ -187,6 +187,15 @@ def wait_until_ready(name: str, offsets: dict[str, int]) -> None:
     raise ServeError(f"{name} was not ready after {READY_TIMEOUT_S} s; see logs/model_log.log. TorchServe was stopped.")
 
 
+def served_model_step() -> str | None:
+    """The worker's own account of the model step it chose at start-up (backend, precision, accuracy check)."""
+    path = LOGS / "model_log.log"
+    if not path.exists():
+        return None
+    lines = [line for line in path.read_text(errors="replace").splitlines() if " model step: " in line]
+    return "model step: " + lines[-1].split(" model step: ", 1)[1] if lines else None
+
+
 def show_ready(name: str, info: dict) -> None:
     token = keys()["inference"]
     url = f"{address('inference_address')}/predictions/{name}"
@@ -199,6 +208,9 @@ def show_ready(name: str, info: dict) -> None:
           f"{weights.get('file') or weights.get('source')}) at {address('inference_address')}")
     if weights.get("source") == "random":
         print("   UNTRAINED: random weights, its labels mean nothing. Serve real ones with --weights FILE.")
+    step = served_model_step()
+    if step:
+        print(f"   {step}")
     print(f"   {SAMPLE.relative_to(REPO)} -> {best}\n\nTry it (from {HOME}):\n")
     print("  TOKEN=$(python3 -c \"import json; print(json.load(open('key_file.json'))['inference']['key'])\")")
     print(f"  curl -H \"Authorization: Bearer $TOKEN\" {url} -T {os.path.relpath(SAMPLE, HOME)}\n")

@@ -17,12 +17,12 @@ from torch._dynamo.utils import counters
 
 from handler import device_decode, imaging, preprocess
 from handler import engine as engine_module
+from handler.backends import inductor_step
 from handler.codecs import ImageError
 from handler.config import ConfigError
 from handler.device import DeviceLost
 from handler.device_decode import DeviceJpegDecoder, JpegBackend, torchvision_backend
 from handler.engine import InferenceEngine, bucket_for, device_decoder_for, resolve_buckets
-from handler.model import compile_or_eager
 from handler.preprocess import Preprocessor, transform_spec
 
 
@@ -153,7 +153,7 @@ def test_normalize_is_channels_last_and_matches_float_math(small_model, mean, st
 def test_buckets():
     config = make_config(max_batch=64)
     assert resolve_buckets(config, torch.device("cpu")) == ()
-    assert resolve_buckets(make_config(max_batch=64, compile=True), torch.device("cpu")) == (1, 8, 32, 64)
+    assert resolve_buckets(config, torch.device("cpu"), static_shapes=True) == (1, 8, 32, 64)
     assert resolve_buckets(config, torch.device("cuda", 0)) == (1, 8, 32, 64)
     assert resolve_buckets(make_config(max_batch=8), torch.device("cuda", 0)) == (1, 8)
     assert resolve_buckets(make_config(max_batch=8, batch_buckets=(2, 8)), torch.device("cpu")) == (2, 8)
@@ -480,21 +480,23 @@ def test_warm_up_runs_the_device_decoder_per_bucket_and_drops_it_if_its_self_che
     engine.close()
 
 
-def test_a_compiled_model_gets_one_static_graph_per_bucket_and_requests_compile_nothing(imagenet_photos):
+def test_a_compiled_model_gets_one_static_graph_per_bucket_and_requests_compile_nothing(imagenet_photos, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.manual_seed(0)
     tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 7, stride=8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                torch.nn.Linear(4, 1000)).eval()
-    model = compile_or_eager(tiny, enabled=True)
-    engine = engine_for(model, compile=True, max_batch=4)
+    step = inductor_step(tiny, "fp32", tmp_path, channels_last=True)
+    engine = InferenceEngine(make_config(max_batch=4), tiny, torch.device("cpu"), step=step)
     graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
     before = graphs()
     assert engine.warm_up() == [1, 4]
-    assert graphs() - before == 2
+    assert graphs() - before == 2 == step.graphs_built()
     for count in (1, 2, 3, 5):
         engine.predict(imagenet_photos[:count])
     assert graphs() - before == 2
     with torch.inference_mode():
-        model(engine.normalize(torch.zeros((2, 224, 224, 3), dtype=torch.uint8)))  # as the engine calls it
+        step(engine.normalize(torch.zeros((2, 224, 224, 3), dtype=torch.uint8)))  # as the engine calls it
     assert graphs() - before == 3  # an unseen size is a new static graph, not a recompile for dynamic shapes
     engine.close()
 

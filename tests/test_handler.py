@@ -33,6 +33,7 @@ from simulated_device import SimulatedRuntime, sticky_error
 from test_handler import make_context
 from ts.context import RequestProcessor
 
+from handler.backends import ModelStep
 from handler.torchserve_handler import ImageBatchHandler
 
 model_dir, photo = sys.argv[1], Path(sys.argv[2]).read_bytes()
@@ -44,7 +45,7 @@ def faulting_model(images):
     raise sticky_error()
 
 
-handler.engine.model = faulting_model
+handler.engine.use_step(ModelStep("eager", "fp32", faulting_model))
 handler.engine.runtime = SimulatedRuntime(lost=True)
 context = make_context(model_dir, 1)
 context.request_processor = [RequestProcessor({})]
@@ -70,7 +71,8 @@ def make_context(model_dir, batch_size, **handler_settings):
         "tiny", str(model_dir), {"model": {"modelName": "tiny", "serializedFile": "weights.pt"}},
         batch_size, None, "0.12.0", metrics=metrics,
         model_yaml_config={"maxWorkers": 1, "handler": {"architecture": "resnet18", "max_batch": 4,
-                                                        "decode_threads": 2, **handler_settings}},
+                                                        "decode_threads": 2, "backend": "eager",
+                                                        **handler_settings}},
     )
     return context
 
@@ -222,21 +224,19 @@ def test_each_metric_gets_its_own_value_in_its_own_unit():
     ]
 
 
-def test_a_model_that_fails_to_compile_falls_back_to_eager(model_dir, imagenet_photos, monkeypatch, caplog):
-    class FailsWhenCalled(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self._orig_mod = model
+def test_a_step_that_fails_at_warm_up_is_replaced_by_eager_fp32(model_dir, imagenet_photos, tmp_path,
+                                                                 monkeypatch, caplog):
+    """No gate photos in this archive, so inductor's compiler first runs at warm-up: without a working C++
+    compiler it fails there, and the eager model serves."""
+    import torch._inductor.config
 
-        def forward(self, images):
-            raise RuntimeError("inductor backend unavailable (simulated)")
-
-    monkeypatch.setattr(torch, "compile", FailsWhenCalled)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled before
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
     caplog.set_level(logging.WARNING)
     handler = ImageBatchHandler()
-    handler.initialize(make_context(model_dir, 1, compile=True))
-    assert not isinstance(handler.engine.model, FailsWhenCalled)
-    assert "serving the eager model" in caplog.text
+    handler.initialize(make_context(model_dir, 1, backend="inductor", cache_dir=str(tmp_path)))
+    assert handler.engine.step.describe() == "eager fp32"
+    assert "failed during warm-up; serving eager fp32" in caplog.text
     responses, statuses, _ = run_batch(handler, model_dir, [{"body": bytearray(imagenet_photos[0])}])
     assert statuses == [200] and "topk" in responses[0][0]
     handler.engine.close()
