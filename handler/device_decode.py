@@ -237,11 +237,9 @@ class _DecodeStream:
             self._drained.wait()
         done = self.runtime.fence("decoded")
         with self.runtime.scope(), self.runtime.on_stream(self._stream):
-            try:
-                yield done
-            finally:
-                done.record()
-                self._drained = done
+            yield done  # a failure raised out of here is a lost device: nothing more is queued on it
+            done.record()
+        self._drained = done
 
 
 @dataclass

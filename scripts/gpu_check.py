@@ -104,8 +104,8 @@ class Context:
         self.archive = Path(args.archive) if args.archive else DEFAULT_ARCHIVE
         self.images = args.images or (8 if args.quick else 32)
         self.max_batch = args.max_batch or (3 if args.quick else 8)
-        self.repeats = args.repeats or (2 if args.quick else 5)
         self.cuda = torch.cuda.is_available()
+        self.repeats = args.repeats or (5 if not args.quick else 2 if self.cuda else 1)
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self.precision = "fp16" if self.cuda else "fp32"
         started = time.perf_counter()
@@ -723,7 +723,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="8 images per request, max_batch 3, 2 repeats, no compile")
     parser.add_argument("--images", type=int, help="images per request (default 32; 8 with --quick)")
     parser.add_argument("--max-batch", type=int, help="images per forward (default 8; 3 with --quick)")
-    parser.add_argument("--repeats", type=int, help="timed requests per method (default 5; 2 with --quick)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed requests per method (default 5; with --quick 2, or 1 without CUDA)")
     parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S,
                         help=f"seconds after which the run ends with what it has (default {DEFAULT_DEADLINE_S})")
     parser.add_argument("--archive", help=f"model archive for the parity check (default {DEFAULT_ARCHIVE})")
@@ -745,11 +746,15 @@ def main() -> int:
     run.report["corpus"] = {"source": ctx.corpus.source, "seconds": ctx.corpus_seconds,
                             "sets": {name: len(payloads) for name, payloads in ctx.corpus.sets.items()}}
     print(f"\ntimings ({ctx.images} images per request, max_batch {ctx.max_batch}, {ctx.device.type}):")
+    cuda_checks = (("device_parity", check_device_parity, 10), ("stream_race", check_stream_race, 10),
+                   ("warm_up", check_warm_up, 10), ("out_of_memory", check_out_of_memory, 5),
+                   ("sticky_error", check_sticky_error, 15), ("gpu_tests", check_gpu_tests, 60),
+                   ("compile", check_compile, 120))
+    if not ctx.cuda:  # said at once, so that a run cut short by its deadline still says why they did not run
+        for name, check, _ in cuda_checks:
+            run.record(name, check(ctx))
     run.run("timings", lambda: time_methods(ctx, run), needs_s=20)
-    for name, check, needs_s in (("parity", check_parity, 20), ("device_parity", check_device_parity, 10),
-                                 ("stream_race", check_stream_race, 10), ("warm_up", check_warm_up, 10),
-                                 ("out_of_memory", check_out_of_memory, 5), ("sticky_error", check_sticky_error, 15),
-                                 ("gpu_tests", check_gpu_tests, 60), ("compile", check_compile, 120)):
+    for name, check, needs_s in (("parity", check_parity, 20), *(cuda_checks if ctx.cuda else ())):
         run.run(name, lambda check=check: check(ctx), needs_s)
     return run.finish()
 
