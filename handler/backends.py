@@ -99,10 +99,13 @@ class ModelStep:
         return f"{self.backend} {self.precision}"
 
 
-def eager_step(model: torch.nn.Module, precision: str, channels_last: bool = True) -> ModelStep:
-    module = model if precision == "fp32" else copy.deepcopy(model).to(DTYPES[precision])
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
+def eager_step(model: Callable[[torch.Tensor], Any], precision: str, channels_last: bool = True) -> ModelStep:
+    """The model as it is (any callable; a module gets its own copy in a reduced precision)."""
+    module = model
+    if isinstance(model, torch.nn.Module):
+        module = model if precision == "fp32" else copy.deepcopy(model).to(DTYPES[precision])
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
     dtype = DTYPES[precision]
 
     def forward(images: torch.Tensor) -> Any:

@@ -78,6 +78,9 @@ class HandlerConfig:
     cache_dir: str = ""
     torch_threads: int = 0  # 0: derived from the cores and max_workers
     warmup: bool = True
+    # With batch buckets (CUDA): a request is cut into about this many chunks, so that the model runs on the first
+    # while the rest is decoded (handler.engine.plan_chunks); 1: one chunk per max_batch images.
+    chunks_per_request: int = 2
 
     # Model definition and outputs.
     architecture: str = "resnet50"
@@ -140,6 +143,7 @@ class HandlerConfig:
             f"the largest batch bucket must be at least max_batch ({self.max_batch})",
         )
         _require(self.torch_threads >= 0, "torch_threads must be 0 (automatic) or a positive number")
+        _require(self.chunks_per_request >= 1, "chunks_per_request must be 1 (no split) or more, e.g. 2")
         _require(1 <= self.topk <= self.num_classes, f"topk must be between 1 and num_classes ({self.num_classes})")
         _require(self.max_images_per_request >= 1, "max_images_per_request must be greater than 0")
         _require(self.max_image_bytes >= 1, "max_image_bytes must be greater than 0")

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.nn.functional import interpolate
 
 from handler.codecs import ImageError
-from handler.device import DeviceRuntime
+from handler.device import DeviceRuntime, Fence
 from handler.imaging import EXIF_ORIENTATION_TAG, TRANSPOSED_ORIENTATIONS, TransformSpec, resized_size
 
 logger = logging.getLogger(__name__)
@@ -220,32 +220,42 @@ def resize_and_crop(image: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
 
 
 class _DecodeStream:
-    """The decoder's own CUDA stream (made on first use), drained before each use (see the module docstring);
-    nothing on the CPU."""
+    """The decoder's own CUDA stream (made on first use), drained before each use (see the module docstring) by a
+    blocking wait on the fence recorded at the end of the previous use; nothing on the CPU."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, runtime: DeviceRuntime) -> None:
+        self.runtime = runtime
         self._stream: torch.cuda.Stream | None = None
+        self._drained: Fence | None = None
 
     @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        if self.device.type != "cuda":
-            yield
-            return
+    def active(self) -> Iterator[Fence]:
+        """Run the enclosed work on the drained stream; yields the fence that marks its end on the device."""
         if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        self._stream.synchronize()
-        with torch.cuda.stream(self._stream):
-            yield
+            self._stream = self.runtime.new_stream()
+        if self._drained is not None:
+            self._drained.wait()
+        done = self.runtime.fence("decoded")
+        with self.runtime.scope(), self.runtime.on_stream(self._stream):
+            yield done  # a failure raised out of here is a lost device: nothing more is queued on it
+            done.record()
+        self._drained = done
 
-    def hand_over(self, crops: Sequence[torch.Tensor]) -> None:
-        """Make the caller's stream wait for ``crops`` on the device, and keep their memory until it has read them."""
-        if self._stream is None:
-            return
-        caller = torch.cuda.current_stream(self.device)
-        caller.wait_stream(self._stream)
-        for crop in crops:
-            crop.record_stream(caller)
+
+@dataclass
+class DecodedSlice:
+    """Crops made on the decoder's stream (None: route to the CPU path), and the fence after their last kernel.
+
+    ``hand_over`` must run on the thread, and under the stream, that will read the crops."""
+
+    crops: list[torch.Tensor | None]
+    ready: Fence
+
+    def hand_over(self, runtime: DeviceRuntime) -> list[torch.Tensor | None]:
+        """Make the current stream wait for the crops on the device, and keep their memory until it has read them."""
+        self.ready.order_before_current()
+        runtime.keep_for_current_stream([crop for crop in self.crops if crop is not None])
+        return self.crops
 
 
 def as_byte_tensor(payload: bytes | bytearray) -> torch.Tensor:
@@ -269,7 +279,7 @@ class DeviceJpegDecoder:
         self.device = device
         self.backend = backend or default_backend()
         self.runtime = runtime or DeviceRuntime(device)
-        self._stream = _DecodeStream(device)
+        self._stream = _DecodeStream(self.runtime)
 
     def inspect(self, payload: bytes | bytearray | ImageError) -> JpegHeader | None:
         return read_header(payload, self.spec)
@@ -278,23 +288,38 @@ class DeviceJpegDecoder:
                headers: Sequence[JpegHeader | None] | None = None) -> list[torch.Tensor | None]:
         """For each payload, a (crop, crop, 3) uint8 tensor on the device, or None (route to the CPU).
 
-        ``headers``: what ``inspect`` answered for each payload, when the caller has it already.
+        ``headers``: what ``inspect`` answered for each payload, when the caller has it already. The crops are
+        handed over to the calling thread's current stream.
+        """
+        return self.decode_slice(payloads, headers).hand_over(self.runtime)
+
+    def decode_slice(self, payloads: Sequence[bytes | bytearray | ImageError],
+                     headers: Sequence[JpegHeader | None] | None = None) -> DecodedSlice:
+        """``decode`` without the hand-over: for a thread of its own, whose caller hands the crops over later.
+
+        Any failure the device survives (out of memory in the check or the resize included) routes the images
+        concerned to the CPU; a lost device raises DeviceLost.
         """
         if headers is None:
             headers = [self.inspect(payload) for payload in payloads]
         results: list[torch.Tensor | None] = [None] * len(payloads)
         eligible = [i for i, header in enumerate(headers) if header is not None]
         if not eligible:
-            return results
-        with self._stream.active():
-            data = [as_byte_tensor(payloads[i]) for i in eligible]  # type: ignore[arg-type]
-            decoded = self._decode_all(data)
-            checked = self._plausible(decoded, [headers[i] for i in eligible])  # type: ignore[misc]
-            for index, image in zip(eligible, checked, strict=True):
-                if image is not None:
-                    results[index] = self._finish(image, headers[index])  # type: ignore[arg-type]
-        self._stream.hand_over([crop for crop in results if crop is not None])
-        return results
+            return DecodedSlice(results, self.runtime.fence("nothing decoded"))
+        with self._stream.active() as done:
+            try:
+                data = [as_byte_tensor(payloads[i]) for i in eligible]  # type: ignore[arg-type]
+                decoded = self._decode_all(data)
+                checked = self._plausible(decoded, [headers[i] for i in eligible])  # type: ignore[misc]
+                for index, image in zip(eligible, checked, strict=True):
+                    if image is not None:
+                        results[index] = self._finish(image, headers[index])  # type: ignore[arg-type]
+            except Exception as error:  # e.g. out of memory in the plausibility check: the CPU path takes them all
+                self.runtime.check_after_failure(error)
+                logger.warning("device JPEG decode of %d images failed (%r); routing them to the CPU path",
+                               len(eligible), error)
+                results = [None] * len(payloads)
+        return DecodedSlice(results, done)
 
     def _decode_all(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Decode ``data`` in one call; if it fails, each half separately, down to single images."""
@@ -309,7 +334,7 @@ class DeviceJpegDecoder:
 
     def _call(self, data: list[torch.Tensor]) -> list[torch.Tensor] | None:
         try:
-            decoded = list(self.backend.decode_batch(data, self.device))
+            decoded = list(self.backend.decode_batch(data, self.runtime.placement))
         except Exception as error:  # a bad bitstream, out of memory, ...: routed, unless the device is lost
             self.runtime.check_after_failure(error)
             logger.debug("JPEG decode of %d images failed", len(data), exc_info=True)
@@ -329,7 +354,9 @@ class DeviceJpegDecoder:
         candidates = [image for image in shaped if image is not None]
         if not candidates:
             return shaped
-        extremes = torch.stack([torch.stack(torch.aminmax(image)) for image in candidates]).tolist()
+        extremes = self.runtime.to_host({"extremes": torch.stack([torch.stack(torch.aminmax(image))
+                                                                  for image in candidates])},
+                                        "plausibility").lists()["extremes"]
         blank = iter(low == high for low, high in extremes)
         plausible = [None if image is None or next(blank) else image for image in shaped]
         rejected = sum(before is not None and after is None for before, after in zip(decoded, plausible, strict=True))

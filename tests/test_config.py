@@ -51,12 +51,19 @@ def test_missing_handler_section_gives_defaults():
         ({"allowed_formats": []}, "allowed_formats must name at least one format"),
         ({"resize": 256}, "unknown handler setting(s): resize"),
         ({"dataloader_start_method": "thread"}, "dataloader_start_method must be one of forkserver, spawn, fork"),
+        ({"chunks_per_request": 0}, "chunks_per_request must be 1 (no split) or more"),
+        ({"chunks_per_request": 1.5}, "chunks_per_request must be a whole number"),
     ],
 )
 def test_invalid_settings_are_rejected_with_a_helpful_message(settings, message):
     with pytest.raises(ConfigError) as error:
         HandlerConfig.from_mapping(settings)
     assert message in str(error.value)
+
+
+def test_chunks_per_request_defaults_to_two_and_is_read_from_yaml():
+    assert HandlerConfig().chunks_per_request == 2
+    assert HandlerConfig.from_model_yaml({"handler": {"chunks_per_request": 1}}).chunks_per_request == 1
 
 
 def test_handler_section_must_be_a_mapping():

@@ -239,11 +239,11 @@ def test_out_of_memory_and_survivable_errors_are_routed_without_ending_anything(
     lost = SimulatedRuntime(lost=True)
     oom = Recording(fails=lambda data: out_of_memory() if len(data) > 1 else None)
     assert all(crop is not None for crop in decoder(oom.backend(), lost).decode(imagenet_photos[:2]))
-    assert oom.calls == [2, 1, 1] and lost.log == []  # out of memory: smaller calls, no probe
+    assert oom.calls == [2, 1, 1] and ("probe",) not in lost.log  # out of memory: smaller calls, no probe
     healthy = SimulatedRuntime()
     failing = Recording(fails=lambda data: RuntimeError("nvjpeg: unsupported"))
     assert decoder(failing.backend(), healthy).decode(imagenet_photos[:1]) == [None]
-    assert healthy.log == [("probe",)]
+    assert healthy.log.count(("probe",)) == 1
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

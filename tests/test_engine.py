@@ -12,7 +12,7 @@ import torch
 from conftest import DEMO_PREPROCESSING, make_config
 from PIL import Image
 from reference import reference_probabilities, timm_transform
-from simulated_device import RecordingFence, SimulatedRuntime, out_of_memory, sticky_error
+from simulated_device import RecordingFence, SimulatedCuda, SimulatedRuntime, out_of_memory, sticky_error
 from torch._dynamo.utils import counters
 
 from handler import device_decode, imaging, preprocess
@@ -22,7 +22,7 @@ from handler.codecs import ImageError
 from handler.config import ConfigError
 from handler.device import DeviceLost
 from handler.device_decode import DeviceJpegDecoder, JpegBackend, torchvision_backend
-from handler.engine import InferenceEngine, bucket_for, device_decoder_for, resolve_buckets
+from handler.engine import InferenceEngine, bucket_for, device_decoder_for, plan_chunks, resolve_buckets
 from handler.preprocess import Preprocessor, transform_spec
 
 
@@ -154,11 +154,31 @@ def test_buckets():
     config = make_config(max_batch=64)
     assert resolve_buckets(config, torch.device("cpu")) == ()
     assert resolve_buckets(config, torch.device("cpu"), static_shapes=True) == (1, 8, 32, 64)
-    assert resolve_buckets(config, torch.device("cuda", 0)) == (1, 8, 32, 64)
-    assert resolve_buckets(make_config(max_batch=8), torch.device("cuda", 0)) == (1, 8)
+    assert resolve_buckets(make_config(max_batch=16), torch.device("cpu"), static_shapes=True) == (1, 8, 16)
+    assert resolve_buckets(config, torch.device("cuda", 0)) == (1, 2, 4, 8, 16, 32, 64)
+    assert resolve_buckets(make_config(max_batch=8), torch.device("cuda", 0)) == (1, 2, 4, 8)
+    assert resolve_buckets(make_config(max_batch=12), torch.device("cuda", 0)) == (1, 2, 4, 8, 12)
     assert resolve_buckets(make_config(max_batch=8, batch_buckets=(2, 8)), torch.device("cpu")) == (2, 8)
     assert [bucket_for(n, (1, 8, 32)) for n in (1, 2, 8, 9, 32)] == [1, 8, 8, 32, 32]
     assert bucket_for(5, ()) == 5
+
+
+@pytest.mark.parametrize(("count", "buckets", "max_batch", "chunks", "plan"), [
+    (9, (1, 8, 32), 32, 1, [8, 1]),              # was one chunk padded to 32: 23 images of padding
+    (9, (1, 2, 4, 8, 16, 32), 32, 2, [4, 4, 1]),  # no padding, and the model starts after 4 images
+    (32, (1, 2, 4, 8, 16, 32), 32, 2, [16, 16]),  # a request of max_batch images overlaps too
+    (32, (1, 2, 4, 8, 16, 32), 32, 1, [32]),
+    (20, (1, 2, 4, 8, 16, 32), 32, 1, [16, 4]),
+    (12, (1, 8), 8, 1, [8, 4]),                   # 4 padded to 8 beats 4 launches of 1
+    (3, (1, 2, 4, 8, 16, 32), 32, 2, [3]),        # too few images to split: 1 padded row is cheaper
+    (70, (1, 2, 4, 8, 16, 32), 32, 2, [32, 32, 6]),  # 6 padded to 8 costs what 4 + 2 do: the larger wins
+    (10, (), 4, 2, [4, 4, 2]),                    # no buckets (CPU): max_batch at a time, as before
+])
+def test_requests_are_cut_into_bucket_sized_chunks(count, buckets, max_batch, chunks, plan):
+    assert plan_chunks(count, buckets, max_batch, chunks) == plan
+    padding = sum(bucket_for(size, buckets) - size for size in plan)
+    assert padding <= max(plan)  # never more padding than one chunk
+    assert plan_chunks(0, buckets, max_batch, chunks) == []
 
 
 def test_padding_to_a_bucket_does_not_change_results(small_model, imagenet_photos):
@@ -233,7 +253,8 @@ def test_a_request_topk_overrides_the_configured_one(small_model, imagenet_photo
     engine.close()
 
 
-def test_device_decode_is_automatic_only_on_cuda():
+def test_device_decode_is_automatic_only_on_cuda(monkeypatch):
+    SimulatedCuda().install(monkeypatch)
     assert device_decoder_for(make_config(), torch.device("cpu")) is None
     assert device_decoder_for(make_config(decode_device="cpu"), torch.device("cuda", 0)) is None
     assert isinstance(device_decoder_for(make_config(), torch.device("cuda", 0)), DeviceJpegDecoder)
@@ -487,7 +508,7 @@ def test_a_compiled_model_gets_one_static_graph_per_bucket_and_requests_compile_
     tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 7, stride=8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                torch.nn.Linear(4, 1000)).eval()
     step = inductor_step(tiny, "fp32", tmp_path, channels_last=True)
-    engine = InferenceEngine(make_config(max_batch=4), tiny, torch.device("cpu"), step=step)
+    engine = InferenceEngine(make_config(max_batch=4, batch_buckets=(1, 4)), tiny, torch.device("cpu"), step=step)
     graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
     before = graphs()
     assert engine.warm_up() == [1, 4]
