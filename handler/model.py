@@ -110,6 +110,11 @@ def check_weights_fit(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
             state_dict[key] = expected[key]  # the absent num_batches_tracked counters
 
 
+def read_gate_images(folder: Path) -> list[bytes]:
+    """The archive's real photos for the accuracy gate (scripts/build_mar.py packs them); none if absent."""
+    return [path.read_bytes() for path in sorted(folder.glob("*.jpg"))] if folder.is_dir() else []
+
+
 def read_build_info(model_dir: Path) -> dict[str, Any]:
     path = model_dir / BUILD_INFO_FILE
     return json.loads(path.read_text()) if path.exists() else {}

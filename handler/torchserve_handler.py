@@ -40,6 +40,7 @@ from handler.model import (
     load_labels,
     load_model,
     read_build_info,
+    read_gate_images,
     resolve_device,
     warn_if_untrained,
 )
@@ -244,11 +245,6 @@ def embeddings_tensor(results: list[Prediction | ImageError], size: int) -> oip.
     (a real embedding is unit length), its error is in the ``predictions`` output."""
     rows = [[0.0] * size if isinstance(result, ImageError) else result[EMBEDDING] for result in results]
     return oip.Tensor("embeddings", oip.FP32, (len(rows), size), [value for row in rows for value in row])
-
-
-def read_gate_images(folder: Path) -> list[bytes]:
-    """The archive's real photos for the accuracy gate (scripts/build_mar.py packs them); none if absent."""
-    return [path.read_bytes() for path in sorted(folder.glob("*.jpg"))] if folder.is_dir() else []
 
 
 def _request_header(context: Any, index: int, name: str) -> str | None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Find the decode pool size x max batch (x workers) that gives the most images/s under a latency bound.
+"""Find the decode pool size x max batch (x workers) (x model step: backend, precision) that gives the most
+images/s under a latency bound.
 
 Runs our engine in this process with the weights and settings packed in the .mar (no HTTP; by default the
 trained demo, model_store/efficientnet_lite0.mar), on the corpus photos, for every combination of the sweep:
@@ -9,8 +10,13 @@ stays under --latency-bound-ms; the script explains the choice and prints the mo
 use. With --write FILE it also updates those settings in FILE, keeping the rest of the file (comments
 included) as it is. --quick is a smoke run: it chooses nothing and refuses --write.
 
+Each --backends x --precisions pair is chosen as the server chooses it (handler.backends: the archive's gate
+photos, its fallbacks): the table shows the step that actually ran, so a precision refused by the accuracy gate
+or a backend missing here shows up as the fallback that served instead.
+
     python scripts/autotune.py                                   # the demo archive, ~1 minute on 2 cores
     python scripts/autotune.py --workers 1 2 --latency-bound-ms 3000 --write model-config.yaml
+    python scripts/autotune.py --backends eager openvino inductor --precisions fp32 bf16 --max-batch 16
     python scripts/autotune.py --quick                           # a smoke run (seconds) that recommends nothing
 """
 
@@ -24,12 +30,9 @@ if __name__ == "__main__":  # importing torch takes seconds: say so first
 
 import argparse
 import dataclasses
-import json
 import re
-import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,42 +43,43 @@ from bench_common import (
     REPO,
     SETS,
     SMOKE_NOTICE,
+    ServedArchive,
     ensure_corpus,
     format_table,
     load_set,
     machine_info,
     percentile,
+    served_engine,
     step,
+    unpack_archive,
     write_json,
 )
 from build_mar import DEMO_MODEL_NAME
 from tqdm import tqdm
 
-from handler.config import HandlerConfig
+from handler.config import BACKENDS, PRECISIONS, HandlerConfig
 from handler.engine import InferenceEngine
-from handler.model import load_model
+
+CPU = torch.device("cpu")
 
 
-def unpack(mar: Path) -> tuple[dict[str, Any], torch.nn.Module, HandlerConfig]:
-    """The archive's model-config.yaml, its model (on the CPU) and the handler settings built from it."""
-    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(mar) as archive:
-        archive.extractall(tmp)
-        folder = Path(tmp)
-        model_yaml = yaml.safe_load((folder / "model-config.yaml").read_text()) or {}
-        config = HandlerConfig.from_model_yaml(model_yaml)
-        manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())
-        weights = folder / manifest["model"]["serializedFile"]
-        model = load_model(config, weights, torch.device("cpu"))
-    return model_yaml, model, config
+def engines_for(archive: ServedArchive, config: HandlerConfig, workers: int) -> tuple[list[InferenceEngine], str]:
+    """``workers`` engines, each serving the model step the server would choose for ``config``, warmed up."""
+    engines, chosen = [], ""
+    for _ in range(workers):
+        engine, choice = served_engine(archive, config)
+        engines.append(engine)
+        chosen = choice.describe()
+    return engines, chosen
 
 
-def measure(model: torch.nn.Module, base: HandlerConfig, workers: int, threads: int, max_batch: int,
+def measure(archive: ServedArchive, workers: int, threads: int, max_batch: int, backend: str, precision: str,
             images: Sequence[bytes], requests: int, max_seconds: float) -> dict[str, Any]:
     """Throughput and latency of ``workers`` engines each serving ``requests`` requests of ``images``."""
-    config = dataclasses.replace(base, decode_threads=threads, max_batch=max_batch, max_workers=workers,
-                                 warmup=False)
+    config = dataclasses.replace(archive.config, decode_threads=threads, max_batch=max_batch, max_workers=workers,
+                                 warmup=False, backend=backend, precision=precision)
     torch.set_num_threads(config.intra_op_threads)
-    engines = [InferenceEngine(config, model, torch.device("cpu")) for _ in range(workers)]
+    engines, chosen = engines_for(archive, config, workers)
     latencies: list[float] = []
     lock = threading.Lock()
     deadline = time.monotonic() + max_seconds
@@ -103,6 +107,7 @@ def measure(model: torch.nn.Module, base: HandlerConfig, workers: int, threads: 
             engine.close()
     latencies_ms = [1e3 * s for s in latencies]
     return {"workers": workers, "decode_threads": threads, "max_batch": max_batch,
+            "backend": backend, "precision": precision, "served": engines[0].step.describe(), "choice": chosen,
             "torch_threads": config.intra_op_threads, "requests": len(latencies),
             "images_per_s": len(latencies) * len(images) / wall, "p50_ms": percentile(latencies_ms, 50),
             "p95_ms": percentile(latencies_ms, 95)}
@@ -122,14 +127,15 @@ def choose(rows: Sequence[dict[str, Any]], bound_ms: float) -> tuple[dict[str, A
     if runner_up:
         other = runner_up[0]
         why += (f"; next best: workers={other['workers']} decode_threads={other['decode_threads']} "
-                f"max_batch={other['max_batch']} at {other['images_per_s']:.1f} images/s")
+                f"max_batch={other['max_batch']} {other['served']} at {other['images_per_s']:.1f} images/s")
     return best, why
 
 
 def settings_for(best: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
     """(top-level frontend settings, handler settings) to write into model-config.yaml."""
     return ({"minWorkers": best["workers"], "maxWorkers": best["workers"]},
-            {"decode_threads": best["decode_threads"], "max_batch": best["max_batch"]})
+            {"decode_threads": best["decode_threads"], "max_batch": best["max_batch"], "backend": best["backend"],
+             "precision": best["precision"]})
 
 
 def settings_yaml(top: dict[str, int], handler: dict[str, int]) -> str:
@@ -183,6 +189,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images-per-request", type=int, default=32)
     parser.add_argument("--decode-threads", nargs="+", type=int, default=[1, 2, 4], help="pool sizes to try")
     parser.add_argument("--max-batch", nargs="+", type=int, default=[8, 16, 32], help="max_batch values to try")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["auto"],
+                        help="model step backends to try (auto: what the server picks here)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["auto"],
+                        help="precisions to try; a reduced one serves only if it passes the accuracy gate")
     parser.add_argument("--workers", nargs="+", type=int, default=[1],
                         help="TorchServe workers to emulate (cores are divided among them)")
     parser.add_argument("--requests", type=int, default=3, help="timed requests per worker and setting")
@@ -215,11 +225,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     machine = machine_info()  # the date is when the run started
     ensure_corpus()
     with step(f"loading the model and settings from {args.mar.name}", expected_s=5):
-        _, model, base = unpack(args.mar)
+        archive = unpack_archive(args.mar)
     images = load_set(args.set, args.images_per_request)
-    plan = [(w, t, b) for w in args.workers for t in args.decode_threads for b in args.max_batch]
-    rows = [measure(model, base, w, t, b, images, args.requests, args.max_seconds)
-            for w, t, b in tqdm(plan, desc="timing settings", unit="setting", dynamic_ncols=True)]
+    plan = [(w, t, b, backend, precision) for w in args.workers for t in args.decode_threads for b in args.max_batch
+            for backend in args.backends for precision in args.precisions]
+    rows = [measure(archive, w, t, b, backend, precision, images, args.requests, args.max_seconds)
+            for w, t, b, backend, precision in tqdm(plan, desc="timing settings", unit="setting", dynamic_ncols=True)]
     result: dict[str, Any] = {"benchmark": "autotune", "quick": args.quick, "machine": machine, "mar": str(args.mar),
                               "settings": {k: v for k, v in vars(args).items() if k not in ("out",)}, "results": rows}
     print()
@@ -227,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("workers", "workers", "TorchServe workers emulated (engines called at the same time)"),
         ("decode_threads", "decode threads", "decode pool size per worker"),
         ("max_batch", "max batch", "images per model forward"),
+        ("served", "model step", "the backend and precision that served (after the gate and any fallback)"),
         ("torch_threads", "torch threads", "per worker: the cores divided among the workers"),
         ("requests", "requests", f"timed requests of {args.images_per_request} {args.set} images, all workers"),
         ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms", "p50, p95: percentiles of the time per request"),

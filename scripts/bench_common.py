@@ -9,10 +9,13 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,17 +191,20 @@ def demo_handler_settings(config: Path = REPO / "model-config.yaml") -> tuple[di
     return section, sources
 
 
-def model_alone_throughput(model: torch.nn.Module, batch: int, threads: int, device: torch.device,
+def model_alone_throughput(model: Callable[[torch.Tensor], Any], batch: int, threads: int, device: torch.device,
                            repeats: int = 5, max_seconds: float = 60.0, channels_last: bool = True,
                            image_size: int = 224) -> dict[str, Any]:
-    """Images/s of the bare forward pass on random normalized tensors: the ceiling for serving."""
+    """Images/s of the bare forward pass on random normalized tensors: the ceiling for serving. ``model``: a
+    module, or a model step (handler.backends) as the server runs it."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model = model.to(device).eval()
         images = torch.randn(batch, 3, image_size, image_size, device=device)
+        if isinstance(model, torch.nn.Module):
+            model = model.to(device).eval()
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
         if channels_last:
-            model = model.to(memory_format=torch.channels_last)
             images = images.contiguous(memory_format=torch.channels_last)
 
         def forward() -> None:
@@ -211,6 +217,53 @@ def model_alone_throughput(model: torch.nn.Module, batch: int, threads: int, dev
     stats = summarize(samples)
     return {"batch": batch, "threads": threads, "channels_last": channels_last, **stats,
             "images_per_s": batch / stats["median_s"]}
+
+
+@dataclass
+class ServedArchive:
+    """What the server reads from a .mar: settings, the model (on the CPU), its gate photos, its cache key."""
+
+    model_yaml: dict[str, Any]
+    model: torch.nn.Module
+    config: Any  # handler.config.HandlerConfig (imported lazily: gpu_check imports this module on a bare box)
+    gate_images: list[bytes]
+    model_key: str
+
+
+def unpack_archive(mar: Path) -> ServedArchive:
+    import yaml
+
+    from handler.backends import weights_key
+    from handler.config import HandlerConfig
+    from handler.model import GATE_IMAGES_DIR, load_model, read_gate_images
+
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(mar) as archive:
+        archive.extractall(tmp)
+        folder = Path(tmp)
+        model_yaml = yaml.safe_load((folder / "model-config.yaml").read_text()) or {}
+        config = HandlerConfig.from_model_yaml(model_yaml)
+        manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())
+        weights = folder / manifest["model"]["serializedFile"]
+        model = load_model(config, weights, torch.device("cpu"))
+        return ServedArchive(model_yaml, model, config, read_gate_images(folder / GATE_IMAGES_DIR),
+                             weights_key(weights, config))
+
+
+def served_engine(archive: ServedArchive, config: Any = None) -> tuple[Any, Any]:
+    """An engine on the CPU serving the model step the server would choose (warmed up when it compiles), and the
+    choice (handler.backends.StepChoice)."""
+    from handler.backends import choose_model_step, eager_step
+    from handler.engine import InferenceEngine
+
+    config = config or archive.config
+    cpu = torch.device("cpu")
+    engine = InferenceEngine(config, archive.model, cpu, step=eager_step(archive.model, "fp32"))
+    step, choice = choose_model_step(config, archive.model, cpu, engine.normalized(archive.gate_images),
+                                     archive.model_key)
+    engine.use_step(step)
+    if step.static_shapes:
+        engine.warm_up()  # compiles every bucket
+    return engine, choice
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, ...]]) -> str:

@@ -73,15 +73,17 @@ def load_models(names: Sequence[str]) -> dict[str, torch.nn.Module]:
     return models
 
 
-def step_factories(model: torch.nn.Module, precisions: Sequence[str], threads: int,
+def step_factories(model: torch.nn.Module, backends: Sequence[str], precisions: Sequence[str], threads: int,
                    cache: Path, key: str) -> dict[str, Callable[[], ModelStep]]:
     factories: dict[str, Callable[[], ModelStep]] = {
         "eager fp32 NCHW": lambda: eager_step(model, "fp32", channels_last=False),
         "eager fp32 channels_last (old default)": lambda: eager_step(model, "fp32"),
     }
     for precision in precisions:
-        factories[f"inductor+freezing {precision}"] = lambda p=precision: inductor_step(model, p, cache)
-        factories[f"openvino {precision}"] = lambda p=precision: openvino_step(model, p, 224, threads, cache, key)
+        if "inductor" in backends:
+            factories[f"inductor+freezing {precision}"] = lambda p=precision: inductor_step(model, p, cache)
+        if "openvino" in backends:
+            factories[f"openvino {precision}"] = lambda p=precision: openvino_step(model, p, 224, threads, cache, key)
         if precision != "fp32":
             factories[f"eager {precision} channels_last"] = lambda p=precision: eager_step(model, p)
     return factories
@@ -105,6 +107,8 @@ def time_steps(steps: dict[str, ModelStep], batch: int, rounds: int) -> dict[str
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=["demo", "resnet50"], default=["demo", "resnet50"])
+    parser.add_argument("--backends", nargs="+", choices=["eager", "inductor", "openvino"],
+                        default=["eager", "inductor", "openvino"], help="eager is always timed (the baselines)")
     parser.add_argument("--threads", nargs="+", type=int, default=[torch.get_num_threads()])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=9, help="interleaved timed rounds (median reported)")
@@ -130,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             steps, build_s = {}, {}
-            for name, factory in step_factories(model, precisions, threads, cache, model_name).items():
+            for name, factory in step_factories(model, args.backends, precisions, threads, cache,
+                                                model_name).items():
                 with step(f"{model_name}, {threads} thread(s): building {name}", expected_s=20):
                     started = time.perf_counter()
                     try:

@@ -13,6 +13,9 @@ and sends each request of N images four ways:
   stock                  N concurrent one-image requests to the stock archive (TorchServe batches them,
                          same batchSize)
   recipe                 one multipart request to the recipe archive
+  ours BACKEND PRECISION one multipart request to an archive of ours with that model step (--steps), e.g.
+                         --steps eager:fp32 inductor:fp32 to compare backends end to end (the served step is
+                         still chosen by the server: a precision its accuracy gate refuses falls back to fp32)
 For each client concurrency: p50/p95/p99 time per request and images/s. Also measured: the model alone
 (the same forward on random tensors, same batch and torch threads, no server), the ceiling; our engine in
 this process without HTTP (decode wait vs model time); and accuracy: our served answers against timm's own
@@ -68,7 +71,9 @@ from bench_common import (
     new_figure,
     percentile,
     save_figure,
+    served_engine,
     step,
+    unpack_archive,
     write_json,
 )
 from build_mar import DEMO_MODEL_NAME
@@ -76,9 +81,8 @@ from reference import reference_probabilities, timm_transform
 from tqdm import tqdm
 from ts_server import TorchServe
 
-from handler.config import HandlerConfig
+from handler.config import BACKENDS, PRECISIONS, HandlerConfig
 from handler.engine import InferenceEngine
-from handler.model import load_model
 
 OURS = DEMO_MODEL_NAME
 STOCK = f"{OURS}_stock"
@@ -132,7 +136,13 @@ def session() -> requests.Session:
     return LOCAL.session
 
 
-def ensure_archives(store: Path, with_recipe: bool) -> list[str]:
+def step_method(spec: str) -> Method:
+    backend, precision = spec.split(":")
+    return Method(f"ours_{backend}_{precision}", f"{OURS}_{backend}_{precision}", False,
+                  f"ours, backend {backend} {precision}, one multipart request", "tab:purple")
+
+
+def ensure_archives(store: Path, with_recipe: bool, steps: Sequence[str] = ()) -> list[str]:
     """Build the demo's archives into ``store``, or keep those built from the same handler, config and weights."""
     store.mkdir(parents=True, exist_ok=True)
     build = [sys.executable, str(REPO / "scripts" / "build_mar.py"), "--export-path", str(store)]
@@ -147,6 +157,16 @@ def ensure_archives(store: Path, with_recipe: bool) -> list[str]:
             commands.append([*build, "--model-name", RECIPE, "--config", str(config),
                              *reuse_flag(store, [f"{RECIPE}.mar"])])
             archives.append(f"{RECIPE}.mar")
+        for spec in steps:
+            backend, precision = spec.split(":")
+            method = step_method(spec)
+            config = Path(tmp) / f"{method.archive}-config.yaml"
+            settings = yaml.safe_load((REPO / "model-config.yaml").read_text())
+            settings.setdefault("handler", {}).update({"backend": backend, "precision": precision})
+            config.write_text(yaml.safe_dump(settings))
+            commands.append([*build, "--model-name", method.archive, "--config", str(config),
+                             *reuse_flag(store, [f"{method.archive}.mar"])])
+            archives.append(f"{method.archive}.mar")
         with step(f"building the archives in {store} (skipped when up to date)", expected_s=10 * len(commands)):
             outputs = [subprocess.run(command, capture_output=True, text=True) for command in commands]
     for completed in outputs:
@@ -174,12 +194,12 @@ def extracted(mar: Path) -> Iterator[tuple[dict[str, Any], Path]]:
         yield model_yaml, folder / manifest["model"]["serializedFile"]
 
 
-def load_served_model(mar: Path) -> tuple[HandlerConfig, torch.nn.Module]:
-    """The handler settings and the model exactly as our archive packs them, loaded by our code."""
-    with extracted(mar) as (model_yaml, weights):
-        config = HandlerConfig.from_model_yaml(model_yaml)
-        model = load_model(config, weights, torch.device("cpu"))
-    return config, model
+def load_served_model(mar: Path) -> tuple[HandlerConfig, InferenceEngine]:
+    """The handler settings and an engine serving the model step the server chooses, from the archive."""
+    archive = unpack_archive(mar)
+    engine, choice = served_engine(archive)
+    print(f"  {choice.describe()}", file=sys.stderr)
+    return archive.config, engine
 
 
 def reference_model(mar: Path) -> torch.nn.Module:
@@ -294,7 +314,7 @@ def benchmark(server: TorchServe, methods: Sequence[Method], args: argparse.Name
     return rows
 
 
-def model_alone(model: torch.nn.Module, config: HandlerConfig, sizes: Sequence[int],
+def model_alone(model: Callable[[torch.Tensor], Any], config: HandlerConfig, sizes: Sequence[int],
                 quick: bool) -> list[dict[str, Any]]:
     batches = sorted({min(size, config.max_batch) for size in sizes})
     return [model_alone_throughput(model, batch, config.intra_op_threads, torch.device("cpu"),
@@ -303,11 +323,10 @@ def model_alone(model: torch.nn.Module, config: HandlerConfig, sizes: Sequence[i
             for batch in batches]
 
 
-def engine_breakdown(model: torch.nn.Module, config: HandlerConfig, set_names: Sequence[str],
+def engine_breakdown(engine: InferenceEngine, config: HandlerConfig, set_names: Sequence[str],
                      sizes: Sequence[int], repeats: int) -> list[dict[str, Any]]:
     """Where the time goes without HTTP: our engine in this process, split into decode wait and model time."""
     torch.set_num_threads(config.intra_op_threads)
-    engine = InferenceEngine(config, model, torch.device("cpu"))
     rows = []
     try:
         for set_name, size in ((s, n) for s in set_names for n in sizes):
@@ -533,6 +552,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=4, help="timed requests per case, at least")
     parser.add_argument("--min-images", type=int, default=128, help="timed images per case, at least")
     parser.add_argument("--max-seconds", type=float, default=90.0, help="stop a case's requests after this long")
+    parser.add_argument("--steps", nargs="*", default=[], metavar="BACKEND:PRECISION",
+                        help="also serve archives of ours with these model steps, e.g. eager:fp32 inductor:fp32")
     parser.add_argument("--no-recipe", dest="recipe", action="store_false",
                         help="skip the DataLoader-per-request variant of our handler")
     parser.add_argument("--accuracy-images", type=int, default=64,
@@ -547,6 +568,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.requests, args.min_images, args.max_seconds, args.recipe, args.accuracy_images = 2, 0, 300.0, False, 16
     if min(args.sizes) < 1 or min(args.concurrency) < 1 or args.requests < 1:
         parser.error("sizes, concurrency and requests must be at least 1")
+    for spec in args.steps:
+        backend, _, precision = spec.partition(":")
+        if backend not in BACKENDS or precision not in PRECISIONS:
+            parser.error(f"--steps {spec}: write BACKEND:PRECISION with a backend of {', '.join(BACKENDS)} and a "
+                         f"precision of {', '.join(PRECISIONS)}")
     args.model_store = args.model_store or args.out / "model_store"
     return args
 
@@ -557,16 +583,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(SMOKE_NOTICE, flush=True)
     machine = machine_info()  # the date is when the run started
     ensure_corpus()
-    archives = ensure_archives(args.model_store, args.recipe)
-    methods = [m for m in METHODS if f"{m.archive}.mar" in archives]
+    archives = ensure_archives(args.model_store, args.recipe, args.steps)
+    methods = [m for m in [*METHODS, *map(step_method, args.steps)] if f"{m.archive}.mar" in archives]
     with step("loading the model from our archive, and timm's reference model", expected_s=5):
-        config, model = load_served_model(args.model_store / f"{OURS}.mar")
+        config, engine = load_served_model(args.model_store / f"{OURS}.mar")
         reference = reference_model(args.model_store / f"{OURS}.mar")
     batches = sorted({min(size, config.max_batch) for size in args.sizes})
-    with step(f"timing the model alone at batch {', '.join(map(str, batches))}", expected_s=5 * len(batches)):
-        alone = model_alone(model, config, args.sizes, args.quick)
+    with step(f"timing the model step alone ({engine.step.describe()}) at batch {', '.join(map(str, batches))}",
+              expected_s=5 * len(batches)):
+        alone = model_alone(engine.step, config, args.sizes, args.quick)
     with step(f"timing our engine in this process, {max(args.sizes)} images per set", expected_s=5 * len(args.sets)):
-        breakdown = engine_breakdown(model, config, args.sets, [max(args.sizes)], 1 if args.quick else 3)
+        try:
+            breakdown = engine_breakdown(engine, config, args.sets, [max(args.sizes)], 1 if args.quick else 3)
+        finally:
+            engine.close()
     accuracy_sets = ["imagenet", "mixed"] if args.quick else ["imagenet", "phone", "mixed"]
     with ExitStack() as stack:
         # A private server (own ports, TMPDIR and worker sockets); its logs are kept only if something fails.
@@ -585,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = {
         "benchmark": "serve", "quick": args.quick, "machine": machine,
         "settings": {k: v for k, v in vars(args).items()},
-        "model": config.architecture, "methods": {m.name: m.label for m in methods},
+        "model": config.architecture, "model_step": engine.step.describe(),
+        "methods": {m.name: m.label for m in methods},
         "handler": {"max_batch": config.max_batch, "decode_threads": config.pool_size,
                     "torch_threads": config.intra_op_threads, "decode_strategy": config.decode_strategy,
                     **{key: getattr(config, key) for key in ("resize_size", "crop_size", "interpolation", "mean",

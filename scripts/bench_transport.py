@@ -192,11 +192,15 @@ def handler_times(store: Path, set_names: Sequence[str], count: int, repeats: in
     if not mar.exists():
         subprocess.run([sys.executable, str(REPO / "scripts" / "build_mar.py"), "--export-path", str(store)],
                        check=True, capture_output=True)
-    config, model = load_served_model(mar)
-    rows = engine_breakdown(model, config, set_names, [count], repeats)
+    config, engine = load_served_model(mar)
+    try:
+        rows = engine_breakdown(engine, config, set_names, [count], repeats)
+    finally:
+        engine.close()
     return [{"set": row["set"], "images": row["images"], "handler_ms": 1e3 * row["wall_s"],
              "decode_wait_ms": 1e3 * row["decode_wait_s"], "model_ms": 1e3 * row["model_s"],
-             "device": str(next(model.parameters()).device), "source": "measured in-process (bench_serve)"}
+             "device": str(engine.device), "model_step": engine.step.describe(),
+             "source": "measured in-process (bench_serve)"}
             for row in rows]
 
 

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch._inductor.config
 
 from handler.backends import (
     EXACT_TOLERANCE,
@@ -236,13 +237,11 @@ def test_a_missing_openvino_falls_back_to_eager_with_the_reason(split_demo, phot
 
 
 def test_inductor_without_a_cpp_compiler_falls_back_to_eager(split_demo, photos, tmp_path, monkeypatch):
-    import torch._inductor.config
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
     tiny_gate = gate_images(split_demo, photos[:4], tmp_path)
-    step, choice = choose_model_step(demo_config(tmp_path, backend="inductor", max_batch=4), split_demo, CPU,
-                                     tiny_gate, "demo", flags=PLAIN_CPU)
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):  # no C++ compiler to be found
+        step, choice = choose_model_step(demo_config(tmp_path, backend="inductor", max_batch=4), split_demo, CPU,
+                                         tiny_gate, "demo", flags=PLAIN_CPU)
     assert step.describe() == "eager fp32"
     assert len(choice.rejected) == 1 and choice.rejected[0].startswith("inductor fp32: ")
 

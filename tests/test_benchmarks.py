@@ -186,18 +186,36 @@ def test_autotune_writes_the_chosen_settings(tmp_path, archives):
     shutil.copy(REPO / "model-config.yaml", config)
     completed = run_script("autotune.py", "--mar", str(archives / "efficientnet_lite0.mar"), "--out", str(tmp_path),
                            "--decode-threads", "1", "2", "--max-batch", "2", "4", "--images-per-request", "4",
+                           "--backends", "eager", "openvino", "--precisions", "fp32",
                            "--requests", "1", "--latency-bound-ms", "60000", "--write", str(config))
     assert "SMOKE RUN" not in completed.stdout and "settings to use" in completed.stdout
     result = json.loads((tmp_path / "autotune.json").read_text())
     rows, best = result["results"], result["best"]
-    assert len(rows) == 4 and best in rows
+    assert len(rows) == 8 and best in rows
+    assert sorted({(row["backend"], row["served"]) for row in rows}) == [("eager", "eager fp32"),
+                                                                          ("openvino", "openvino fp32")]
     assert best["images_per_s"] > max(row["images_per_s"] for row in rows) - 0.1  # a tie within 0.1 takes fewer threads
     written = yaml.safe_load(config.read_text())
-    assert (written["handler"]["decode_threads"], written["handler"]["max_batch"]) == \
-           (best["decode_threads"], best["max_batch"])
+    assert [written["handler"][key] for key in ("decode_threads", "max_batch", "backend", "precision")] == \
+           [best[key] for key in ("decode_threads", "max_batch", "backend", "precision")]
     assert written["minWorkers"] == written["maxWorkers"] == best["workers"]
     assert "# images per model forward" in config.read_text()  # the rest of the file, comments included, stays
     HandlerConfig.from_model_yaml(written)
+
+
+def test_bench_model_step_quick_times_each_step_and_checks_its_answers(tmp_path):
+    completed = run_script("bench_model_step.py", "--quick", "--models", "demo", "--backends", "eager", "openvino",
+                           "--out", str(tmp_path))
+    assert_smoke_run(completed.stdout)
+    result = json.loads((tmp_path / "bench_model_step.json").read_text())
+    assert result["quick"] is True and "cpu_flags" in result and isinstance(result["native_bf16"], bool)
+    rows = {row["step"]: row for row in result["results"]}
+    assert set(rows) >= {"eager fp32 NCHW", "eager fp32 channels_last (old default)", "openvino fp32"}
+    assert rows["eager fp32 channels_last (old default)"]["over_old_default"] == 1.0
+    for row in rows.values():
+        assert row["images_per_s"] == pytest.approx(row["batch"] / (row["median_ms"] / 1e3))
+        assert row["photos"] == 8
+    assert rows["openvino fp32"]["top1"] == 1.0 and rows["openvino fp32"]["max_top5_shift"] <= 1e-3
 
 
 def test_update_model_config_keeps_comments_and_other_settings():

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._inductor.config
 import torchvision
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
+from handler.backends import ModelStep
 from handler.device import DEVICE_LOST_EXIT_CODE
 from handler.engine import Timings
 from handler.model import BUILD_INFO_FILE, LABELS_FILE
@@ -156,7 +158,7 @@ def test_a_failing_model_answers_every_request_with_500(handler, model_dir, imag
     def broken_forward(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(handler.engine, "model", broken_forward)
+    monkeypatch.setattr(handler.engine, "step", ModelStep("eager", "fp32", broken_forward))
     rows = [{"body": bytearray(imagenet_photos[0])}, {"a": bytearray(imagenet_photos[1]), "b": bytearray(b"x")}]
     responses, statuses, _ = run_batch(handler, model_dir, rows)
     assert statuses == [500, 200]
@@ -228,13 +230,11 @@ def test_a_step_that_fails_at_warm_up_is_replaced_by_eager_fp32(model_dir, image
                                                                  monkeypatch, caplog):
     """No gate photos in this archive, so inductor's compiler first runs at warm-up: without a working C++
     compiler it fails there, and the eager model serves."""
-    import torch._inductor.config
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled before
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
     caplog.set_level(logging.WARNING)
     handler = ImageBatchHandler()
-    handler.initialize(make_context(model_dir, 1, backend="inductor", cache_dir=str(tmp_path)))
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):  # no C++ compiler to be found
+        handler.initialize(make_context(model_dir, 1, backend="inductor", cache_dir=str(tmp_path)))
     assert handler.engine.step.describe() == "eager fp32"
     assert "failed during warm-up; serving eager fp32" in caplog.text
     responses, statuses, _ = run_batch(handler, model_dir, [{"body": bytearray(imagenet_photos[0])}])
