@@ -58,7 +58,7 @@ class Secrets:
 
     key_file: Path
     tokens_file: Path
-    _cache: dict[Path, tuple[float, object]] = field(default_factory=dict)
+    _cache: dict[Path, tuple[int, Any]] = field(default_factory=dict)
 
     def _read(self, path: Path, parse: Callable[[str], Any]) -> Any:
         try:
