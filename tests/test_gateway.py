@@ -196,7 +196,9 @@ def test_flood_of_maximum_size_bodies_gets_507_or_413_and_good_requests_keep_200
         statuses = list(pool.map(flood, range(FLOOD)))
         traffic.wait_for_outcomes(3)
     good_statuses = [status for _, _, status in traffic.outcomes]
-    print(f"\nflood of {FLOOD} x {body_size} bytes: {sorted(statuses)}; good requests beside it: {good_statuses}")
+    print(f"\nflood of {FLOOD} x {body_size} bytes: {sorted(statuses)}; good requests beside it: {good_statuses}; "
+          f"peak RSS: JVM {peak_rss(frontend.pid) >> 20} MB, worker {[peak_rss(pid) >> 20 for pid in workers]} MB, "
+          f"gateway {peak_rss(gateway.process.pid) >> 20} MB")
     assert set(statuses) <= {507, 413}, statuses
     assert 507 in statuses, "the gateway admitted the whole flood at once"
     assert 413 in statuses, "no flood request reached the handler"
