@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh requirements-dev.txt  # explicit: pytest arguments are not for it
 echo ">> ruff"
-ruff check handler scripts tests
+ruff check handler scripts tests deploy
 echo ">> pytest"
 python -m pytest -ra "$@"
