@@ -81,6 +81,7 @@ from reference import reference_probabilities, timm_transform
 from tqdm import tqdm
 from ts_server import TorchServe
 
+from handler import oip
 from handler.config import BACKENDS, PRECISIONS, HandlerConfig
 from handler.engine import InferenceEngine
 
@@ -96,13 +97,15 @@ class Method:
 
     name: str
     archive: str
-    one_image_per_request: bool  # N concurrent one-image requests; else one multipart request of N images
+    one_image_per_request: bool  # N concurrent one-image requests; else one request of N images
     label: str
     color: str
+    oip_binary: bool = False  # the one request as an Open Inference Protocol binary body; else multipart
 
 
 METHODS = (
     Method("ours", OURS, False, "ours, one multipart request", "tab:green"),
+    Method("ours_oip", OURS, False, "ours, one OIP binary request", "tab:cyan", oip_binary=True),
     Method("ours_one_per_request", OURS, True, "ours, N one-image requests", "tab:olive"),
     Method("stock", STOCK, True, "stock image_classifier, N one-image requests", "tab:red"),
     Method("recipe", RECIPE, False, "recipe (DataLoader per request), one multipart request", "tab:blue"),
@@ -226,6 +229,18 @@ def multipart_request(url: str, headers: dict[str, str], images: Sequence[bytes]
     return ok and all("topk" in entry for entry in body), body
 
 
+def oip_binary_request(url: str, headers: dict[str, str], images: Sequence[bytes]) -> bool:
+    """One Open Inference Protocol request with the images as binary BYTES (the client's way, unsplit)."""
+    body, length = oip.build_request([oip.Tensor("images", oip.BYTES, (len(images),), list(images))], binary=True,
+                                     outputs=[oip.RequestedOutput("predictions", False)])
+    headers = {**headers, "Content-Type": oip.BINARY_CONTENT_TYPE, oip.HEADER_LENGTH: str(length)}
+    response = session().post(url, data=body, headers=headers, timeout=600)
+    if not response.ok:
+        return False
+    [predictions] = [out for out in response.json()["outputs"] if out["name"] == "predictions"]
+    return len(predictions["data"]) == len(images)
+
+
 def fan_out_request(url: str, headers: dict[str, str], images: Sequence[bytes], pool: ThreadPoolExecutor) -> bool:
     """The stock way to send N images: N concurrent one-image requests."""
     futures = [pool.submit(lambda p: session().put(url, data=p, headers=headers, timeout=600).ok, payload)
@@ -291,6 +306,9 @@ def senders(server: TorchServe, methods: Sequence[Method], pool: ThreadPoolExecu
         url = f"{server.inference_url}/predictions/{method.archive}"
         if method.one_image_per_request:
             result[method.name] = lambda batch, url=url: fan_out_request(url, headers, batch, pool)
+        elif method.oip_binary:
+            oip_url = f"{server.inference_url}/v2/models/{method.archive}/infer"
+            result[method.name] = lambda batch, url=oip_url: oip_binary_request(url, headers, batch)
         else:
             result[method.name] = lambda batch, url=url: multipart_request(url, headers, batch)[0]
     return result
@@ -368,7 +386,7 @@ def summarize_runs(rows: Sequence[dict[str, Any]], alone: Sequence[dict[str, Any
     summary = []
     for set_name, size in dict.fromkeys((r["set"], r["images_per_request"]) for r in rows):
         best = best_rows(rows, set_name, size)
-        candidates = [best[name] for name in ("ours", "ours_one_per_request") if name in best]
+        candidates = [best[name] for name in ("ours", "ours_oip", "ours_one_per_request") if name in best]
         if not candidates:
             continue
         ours = max(candidates, key=lambda r: r["images_per_s"])
@@ -404,7 +422,7 @@ def request_times(rows: Sequence[dict[str, Any]], alone: Sequence[dict[str, Any]
         if alone_ips:
             entry["model_alone_ms"] = 1e3 * size / alone_ips
         if "stock" in cell:
-            for name in ("ours", "ours_one_per_request"):
+            for name in ("ours", "ours_oip", "ours_one_per_request"):
                 if name in cell:
                     entry[f"{name}_speedup"] = cell["stock"]["p50_ms"] / cell[name]["p50_ms"]
         table.append(entry)
@@ -511,11 +529,13 @@ def report(rows, alone, times, summary, agreement, breakdown) -> str:
     parts.append("time of one request of N images (p50 ms):\n" + format_table(times, [
         ("set", "set"), ("images_per_request", "N"), ("concurrency", "clients"),
         ("ours_p50_ms", "ours, 1 request", "one multipart request of N images"),
+        ("ours_oip_p50_ms", "ours, 1 OIP", "one OIP binary request of N images"),
         ("ours_one_per_request_p50_ms", "ours, N requests", "N concurrent one-image requests (batched by TorchServe)"),
         ("stock_p50_ms", "stock, N requests", "stock image_classifier, N concurrent one-image requests"),
         ("recipe_p50_ms", "recipe, 1 request"),
         ("model_alone_ms", "model alone", "the model's forward passes for N images, no server, no decode"),
         ("ours_speedup", "stock/ours (1 req)", "stock p50 / ours p50, one multipart request (> 1: ours is faster)"),
+        ("ours_oip_speedup", "stock/ours (1 OIP)", "stock p50 / ours p50, one OIP binary request"),
         ("ours_one_per_request_speedup", "stock/ours (N req)", "stock p50 / ours p50, N one-image requests")]))
     parts.append(format_table(alone, [
         ("batch", "model-alone batch"), ("threads", "torch threads"), ("median_s", "median s"),
