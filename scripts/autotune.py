@@ -7,8 +7,11 @@ trained demo, model_store/efficientnet_lite0.mar), on the corpus photos, for eve
 W workers are emulated by W engines called from W client threads, with torch threads and decode threads
 divided among them as the handler does. The winner is the highest throughput whose p95 latency per request
 stays under --latency-bound-ms; the script explains the choice and prints the model-config.yaml settings to
-use. With --write FILE it also updates those settings in FILE, keeping the rest of the file (comments
-included) as it is. --quick is a smoke run: it chooses nothing and refuses --write.
+use. It also sizes TorchServe's queue (jobQueueSize) for --queue-budget-s: the chosen setting is timed once
+more on handler calls of batchSize images (what a call holds when one-image requests pile up), and the queue
+holds what that rate answers within the budget. With --write FILE it also updates those settings in FILE,
+keeping the rest of the file (comments included) as it is. --quick is a smoke run: it chooses nothing and
+refuses --write.
 
 Each --backends x --precisions pair is chosen as the server chooses it (handler.backends: the archive's gate
 photos, its fallbacks): the table shows the step that actually ran, so a precision refused by the accuracy gate
@@ -131,9 +134,14 @@ def choose(rows: Sequence[dict[str, Any]], bound_ms: float) -> tuple[dict[str, A
     return best, why
 
 
-def settings_for(best: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
+def queue_size_for(one_image_requests_per_s: float, budget_s: float) -> int:
+    """jobQueueSize: the requests the server answers within ``budget_s`` (at least 1; the last in waits that long)."""
+    return max(1, int(one_image_requests_per_s * budget_s))
+
+
+def settings_for(best: dict[str, Any], queue_size: int) -> tuple[dict[str, int], dict[str, int]]:
     """(top-level frontend settings, handler settings) to write into model-config.yaml."""
-    return ({"minWorkers": best["workers"], "maxWorkers": best["workers"]},
+    return ({"minWorkers": best["workers"], "maxWorkers": best["workers"], "jobQueueSize": queue_size},
             {"decode_threads": best["decode_threads"], "max_batch": best["max_batch"], "backend": best["backend"],
              "precision": best["precision"]})
 
@@ -199,6 +207,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=30.0, help="stop a setting's requests after this long")
     parser.add_argument("--latency-bound-ms", type=float, default=5000.0,
                         help="p95 latency per request that the chosen setting must keep")
+    parser.add_argument("--queue-budget-s", type=float, default=5.0,
+                        help="seconds a one-image request may wait in a full queue: sizes jobQueueSize (past it "
+                             "TorchServe answers 503 at once)")
     parser.add_argument("--write", type=Path, metavar="MODEL_CONFIG_YAML",
                         help="update these settings in this model-config.yaml (otherwise only print them)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for autotune.json")
@@ -215,6 +226,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"{args.mar} does not exist: build it with scripts/build_mar.py, or pass --mar")
     if min(args.decode_threads + args.max_batch + args.workers) < 1 or args.images_per_request < 1:
         parser.error("decode threads, max batch, workers and images per request must be at least 1")
+    if args.queue_budget_s <= 0:
+        parser.error("--queue-budget-s must be more than 0 seconds")
     return args
 
 
@@ -249,10 +262,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\nwrote {json_path}\n{SMOKE_NOTICE}")
         return
     best, why = choose(rows, args.latency_bound_ms)
-    top, handler = settings_for(best)
-    result.update({"best": best, "why": why, "model_config": {**top, "handler": handler}})
+    batch_size = int(archive.model_yaml.get("batchSize", 1))
+    with step(f"timing the chosen setting on calls of {batch_size} one-image requests (batchSize), for the queue",
+              expected_s=5):
+        calls = measure(archive, best["workers"], best["decode_threads"], best["max_batch"], best["backend"],
+                        best["precision"], load_set(args.set, batch_size), args.requests * 2, args.max_seconds)
+    queue_size = queue_size_for(calls["images_per_s"], args.queue_budget_s)
+    queue_why = (f"jobQueueSize {queue_size}: {calls['images_per_s']:.1f} one-image requests/s (handler calls of "
+                 f"{batch_size}) x the {args.queue_budget_s:g} s budget; TorchServe's frontend adds its own time, "
+                 "so check it with a burst (docs/benchmarks.md, \"Bursts\")")
+    top, handler = settings_for(best, queue_size)
+    result.update({"best": best, "why": why, "one_image_calls": calls, "queue_why": queue_why,
+                   "model_config": {**top, "handler": handler}})
     json_path = write_json(args.out / "autotune.json", result)
-    print(f"\nchosen: {why}\n\nmodel-config.yaml settings to use (the rest of the handler section stays):\n")
+    print(f"\nchosen: {why}\n{queue_why}\n\nmodel-config.yaml settings to use (the rest of the handler section "
+          "stays):\n")
     print(settings_yaml(top, handler))
     if args.write:
         write_settings(args.write, top, handler)

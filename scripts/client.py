@@ -9,8 +9,12 @@
 Works from any directory: the key file is --key-file, else ./key_file.json, else the repo root's (where
 scripts/serve.sh starts TorchServe). By default images travel as Open Inference Protocol binary
 requests of up to 32 images and 8 MB, sent concurrently (the fastest measured way; docs/benchmarks.md).
+A request TorchServe refuses for now (503: its queue is full, or the model has no worker) is sent again
+after a jittered, doubling wait, 5 times at most (--retries N; --no-retry turns it off); each retry is a
+line on stderr and the summary counts them.
 Exit status: 0 when every image got its answer (a bad image's answer is its error line), 1 when the
-server or a request failed (not running, wrong key, unknown model), 2 for bad arguments.
+server or a request failed (not running, wrong key, unknown model, still refused after the retries),
+2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -28,12 +34,14 @@ from ts_client import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_IMAGES,
     DEFAULT_MODEL,
+    DEFAULT_RETRIES,
     DEFAULT_TRANSPORT,
     DEFAULT_URL,
     OUTPUTS,
     TRANSPORTS,
     Client,
     ClientError,
+    Retry,
     image_files,
     read_keys,
 )
@@ -46,19 +54,42 @@ class Progress:
         self.total, self.done, self.stream, self.width = total, 0, stream, width
         self.started = time.monotonic()
         self.enabled = stream.isatty()
+        self._lock = threading.Lock()  # requests finish, and are retried, on the client's threads
 
     def __call__(self, count: int) -> None:
-        self.done += count
+        with self._lock:
+            self.done += count
+            self._draw()
+
+    def note(self, message: str) -> None:
+        """A line of its own on stderr, above the bar."""
+        with self._lock:
+            self.stream.write(("\r\033[K" if self.enabled else "") + message + "\n")
+            self._draw()
+
+    def _draw(self) -> None:
         if self.enabled:
             filled = self.width * self.done // max(1, self.total)
             elapsed = time.monotonic() - self.started
             self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} images "
                               f"{elapsed:.1f} s")
-            self.stream.flush()
+        self.stream.flush()
 
     def close(self) -> None:
         if self.enabled and self.done:
             self.stream.write("\n")
+
+
+def retry_line(retry: Retry, retries: int) -> str:
+    return f"retry {retry.attempt} of {retries} in {retry.delay_s:.1f} s: {retry.reason} ({retry.detail})"
+
+
+def retry_summary(retried: Sequence[Retry]) -> str:
+    """", 7 retries (HTTP 503: 7)" for the summary line; nothing when no request was retried."""
+    if not retried:
+        return ""
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in Counter(r.reason for r in retried).items())
+    return f", {len(retried)} retr{'y' if len(retried) == 1 else 'ies'} ({reasons})"
 
 
 def readable(path: Path, entry: dict) -> str:
@@ -92,12 +123,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="requests in flight")
     parser.add_argument("--grpc-address", default="127.0.0.1:7070", help="for --transport grpc")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per request")
+    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                        help=f"times a request refused with 503 (or whose server restarts) is sent again, after "
+                             f"waits of about 0.5, 1, 2, 4, 8 s (default {DEFAULT_RETRIES}; 0 turns retrying off)")
+    parser.add_argument("--no-retry", dest="retries", action="store_const", const=0, help="same as --retries 0")
     args = parser.parse_args(argv)
     missing = [str(path) for path in args.images if not path.exists()]
     if missing:
         parser.error(f"no such file or directory: {', '.join(missing)}")
     if min(args.max_images, args.max_bytes, args.concurrency) < 1 or (args.topk is not None and args.topk < 1):
         parser.error("--max-images, --max-bytes, --concurrency and --topk must be at least 1")
+    if args.retries < 0:
+        parser.error("--retries must be 0 (no retrying) or more")
     args.outputs = tuple(name.strip() for name in args.outputs.split(","))
     if not set(args.outputs) <= set(OUTPUTS):
         parser.error(f"--outputs takes {', '.join(OUTPUTS)} (comma-separated); got {','.join(args.outputs)}")
@@ -120,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ClientError("the key file has no inference key")
         progress = Progress(len(files))
         with Client(args.url, args.model, keys["inference"], args.transport, args.max_images, args.max_bytes,
-                    args.concurrency, args.topk, args.timeout, args.grpc_address, args.outputs) as client:
+                    args.concurrency, args.topk, args.timeout, args.grpc_address, args.outputs, args.retries,
+                    on_retry=lambda retry: progress.note(retry_line(retry, args.retries))) as client:
             try:
                 entries = client.classify(files, progress=progress)
             finally:
@@ -135,8 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"file": str(path), **entry}) if args.jsonl else readable(path, entry))
     failed = sum("error" in entry for entry in entries)
     images = f"{len(files)} image{'s' if len(files) != 1 else ''}"
-    print(f"{images}: {len(files) - failed} answered, {failed} with an error ({time.monotonic() - started:.1f} s)",
-          file=sys.stderr)
+    print(f"{images}: {len(files) - failed} answered, {failed} with an error ({time.monotonic() - started:.1f} s)"
+          f"{retry_summary(client.retried)}", file=sys.stderr)
     return 0
 
 

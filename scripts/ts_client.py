@@ -12,16 +12,26 @@ several requests of at most ``max_images`` images / ``max_bytes`` bytes, sent co
 batches them into one handler call again (``batchSize``). docs/benchmarks.md has the measurements
 behind these defaults. A bad image is an entry, never an exception; ClientError means the server or
 the request failed (not running, wrong key, unknown model, ...), with a message for a person.
+
+A request TorchServe refuses for now (HTTP 503: its queue is full or the model has no worker) is sent
+again after a jittered, doubling wait, at most ``retries`` times; so is one whose connection was refused or
+dropped after this client has had an answer from the server (a restart). Every retry is recorded in
+``client.retried`` (and passed to ``on_retry``); ``retries=0`` turns retrying off. Inference requests are
+idempotent, so sending one again changes nothing but the time it takes. Over gRPC nothing is retried:
+TorchServe 0.12 answers a full queue there with INTERNAL, the code of any other failure.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import random
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +58,47 @@ DEFAULT_OUTPUTS = ("topk",)  # what the server answers when a request names no o
 DEFAULT_MAX_IMAGES = 32  # images per request; the server's own limit is max_images_per_request (64)
 DEFAULT_MAX_BYTES = 8_000_000  # bytes of images per request (a request holds at least one image)
 DEFAULT_CONCURRENCY = 16  # requests in flight; TorchServe batches up to batchSize of them per handler call
+# Retrying a refused request: waits of 0.5, 1, 2, 4, 8 s at most (each at least half of that, the rest random,
+# so that clients refused together do not come back together): 15.5 s in all, enough for the demo's queue to
+# drain (README, "Bursts and 503").
+DEFAULT_RETRIES = 5
+DEFAULT_RETRY_DELAY = 0.5  # s, the longest first wait; it doubles with each retry ...
+DEFAULT_RETRY_DELAY_MAX = 8.0  # ... up to this
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 class ClientError(Exception):
     """The server or the request failed, not an image: the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """One request sent again: why it was refused, the how-manieth retry of that request, the wait before it."""
+
+    reason: str  # "HTTP 503", "connection refused" or "connection lost"
+    detail: str  # TorchServe's message, or the connection error
+    attempt: int  # 1 for a request's first retry
+    delay_s: float
+
+
+class _Refused(Exception):
+    """TorchServe refused a request for now (or stopped answering): worth sending again after a wait."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def retry_delay(attempt: int, first: float, longest: float, rng: random.Random) -> float:
+    """The wait before a request's ``attempt``-th retry: half of min(longest, first × 2^(attempt-1)) for sure,
+    the other half drawn at random ("equal jitter": a bounded wait that still spreads the clients out)."""
+    ceiling = min(longest, first * 2 ** (attempt - 1))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def longest_wait(retries: int, first: float, longest: float) -> float:
+    """The most one request can wait in all before the client gives up on it."""
+    return sum(min(longest, first * 2 ** (attempt - 1)) for attempt in range(1, retries + 1))
 
 
 def find_key_file(key_file: Path | None = None) -> Path:
@@ -101,7 +147,9 @@ class Client:
                  transport: str = DEFAULT_TRANSPORT, max_images: int = DEFAULT_MAX_IMAGES,
                  max_bytes: int = DEFAULT_MAX_BYTES, concurrency: int = DEFAULT_CONCURRENCY,
                  topk: int | None = None, timeout: float = 300, grpc_address: str | None = None,
-                 outputs: Sequence[str] = DEFAULT_OUTPUTS) -> None:
+                 outputs: Sequence[str] = DEFAULT_OUTPUTS, retries: int = DEFAULT_RETRIES,
+                 retry_delay: float = DEFAULT_RETRY_DELAY, retry_delay_max: float = DEFAULT_RETRY_DELAY_MAX,
+                 on_retry: Callable[[Retry], None] | None = None) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {transport!r}")
         if min(max_images, max_bytes, concurrency) < 1:
@@ -110,6 +158,9 @@ class Client:
             raise ValueError(f"outputs must name one or more of {', '.join(OUTPUTS)}; got {list(outputs)}")
         if (topk is not None or set(outputs) != set(DEFAULT_OUTPUTS)) and transport == "raw":
             raise ValueError("options (topk, outputs) cannot travel with a raw body; choose another transport")
+        if retries < 0 or not 0 < retry_delay <= retry_delay_max:
+            raise ValueError("retries must be 0 (off) or more, and 0 < retry_delay <= retry_delay_max; got "
+                             f"{retries}, {retry_delay}, {retry_delay_max}")
         self.url = url.rstrip("/")
         self.model = model
         self.transport = transport
@@ -119,6 +170,12 @@ class Client:
         self.topk = topk
         self.outputs = tuple(outputs)
         self.timeout = timeout
+        self.retries, self.retry_delay, self.retry_delay_max = retries, retry_delay, retry_delay_max
+        self.on_retry = on_retry
+        self.retried: list[Retry] = []  # every retry of every request, in the order they were decided
+        self._retry_lock = threading.Lock()
+        self._rng = random.Random()
+        self._answered = False  # once the server has answered, a refused connection means it restarts
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
         self._grpc = None
@@ -156,6 +213,11 @@ class Client:
             chunks.append((start, len(sizes)))
         return chunks
 
+    @property
+    def max_retry_wait_s(self) -> float:
+        """The most one request waits between its attempts before the client gives up on it."""
+        return longest_wait(self.retries, self.retry_delay, self.retry_delay_max)
+
     def close(self) -> None:
         if self._grpc is not None:
             self._grpc.close()
@@ -169,6 +231,37 @@ class Client:
     # ----------------------------------------------------------------------------------- transports
 
     def _send(self, payloads: list[bytes]) -> list[dict]:
+        """One request's entries, sent again while TorchServe refuses it for now, within the retry bound."""
+        started = time.monotonic()
+        for attempt in range(1, self.retries + 2):
+            try:
+                return self._send_once(payloads)
+            except _Refused as refusal:
+                if attempt > self.retries:
+                    raise ClientError(self._gave_up(refusal, attempt, time.monotonic() - started)) from None
+                with self._retry_lock:
+                    retry = Retry(refusal.reason, refusal.detail, attempt,
+                                  retry_delay(attempt, self.retry_delay, self.retry_delay_max, self._rng))
+                    self.retried.append(retry)
+                if self.on_retry is not None:
+                    self.on_retry(retry)
+                time.sleep(retry.delay_s)
+        raise AssertionError("unreachable")
+
+    def _gave_up(self, refusal: _Refused, attempts: int, elapsed: float) -> str:
+        if refusal.reason.startswith("connection"):
+            what = (f"TorchServe at {self.url} stopped answering ({refusal.detail}) while this client ran. Is it "
+                    "restarting or stopped? Start it with scripts/serve.sh")
+        else:
+            what = (f"TorchServe refused the request ({refusal.reason}: {refusal.detail}). The model's queue is full "
+                    "or it has no worker: send fewer requests at once (--concurrency), check its workers, or try "
+                    "again later (README, \"Bursts and 503\"; \"Prediction failed\" means the handler raised: "
+                    "see the server's logs/model_log.log)")
+        if self.retries == 0:
+            return f"{what}; retrying is off (--retries 0)"
+        return f"{what}; gave up after {attempts} attempts in {elapsed:.1f} s ({self.retries} retries)"
+
+    def _send_once(self, payloads: list[bytes]) -> list[dict]:
         if self.transport == "grpc":
             return self._send_grpc(payloads)
         url = f"{self.url}/predictions/{self.model}"
@@ -221,6 +314,7 @@ class Client:
         try:
             answer = self._grpc.predict(self.model, {"body": body}, timeout=self.timeout)
         except grpc.RpcError as error:
+            # Not retried: TorchServe 0.12 answers a full queue over gRPC with INTERNAL, like any other failure.
             raise ClientError(_describe_grpc(error, self.grpc_address)) from None
         status = 200
         try:
@@ -235,12 +329,22 @@ class Client:
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
         try:
-            return self._local.session.post(url, timeout=self.timeout, **kwargs)
+            response = self._local.session.post(url, timeout=self.timeout, **kwargs)
+        except requests.ConnectTimeout:
+            raise ClientError(f"TorchServe at {self.url} did not accept a connection within {self.timeout:.0f} s"
+                              ) from None
         except requests.ConnectionError as error:
+            if self._answered:  # it answered before: a server that restarts, or a connection it dropped
+                reason = "connection refused" if _reason(error) == "connection refused" else "connection lost"
+                raise _Refused(reason, _reason(error)) from None
             raise ClientError(f"cannot reach TorchServe at {self.url} ({_reason(error)}). Is it running? "
                               "Start it with scripts/serve.sh") from None
         except requests.Timeout:
             raise ClientError(f"TorchServe at {self.url} did not answer within {self.timeout:.0f} s") from None
+        self._answered = True
+        if response.status_code == 503:
+            raise _Refused("HTTP 503", _torchserve_message(response.content))
+        return response
 
     def _entries(self, status: int, body: bytes, header_length: str | None, count: int) -> list[dict]:
         """The per-image entries of one answer; ClientError unless they are there, one per image."""
@@ -319,6 +423,16 @@ def _describe_grpc(error: Any, target: str) -> str:
 def _reason(error: Exception) -> str:
     text = str(error)
     return "connection refused" if "refused" in text.lower() else text[:200]
+
+
+def _torchserve_message(body: bytes) -> str:
+    """The message of TorchServe's own error body ({"code", "type", "message"}), else the body's start."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return body[:200].decode("utf-8", "replace")
+    message = answer.get("message") if isinstance(answer, dict) else None
+    return message if isinstance(message, str) else _preview(answer)
 
 
 def _preview(value: Any, length: int = 200) -> str:
