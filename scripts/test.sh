@@ -7,4 +7,4 @@ source scripts/setup_env.sh requirements-dev.txt  # explicit: pytest arguments a
 echo ">> ruff"
 ruff check handler scripts tests deploy
 echo ">> pytest"
-python -m pytest -ra "$@"
+python -X faulthandler -m pytest -ra "$@"  # faulthandler: a crash of native code prints every thread's Python stack

@@ -53,12 +53,25 @@ def indices(entry):
     return [item["index"] for item in entry["topk"]]
 
 
-def assert_matches_engine(entries, expected):
+def assert_matches_engine(entries, expected, tolerance=2e-3):
+    """Served top-k against the in-process engine's: the same score at every rank; two classes may change places
+    only where their scores tie within the tolerance (the server's model step is exact to ~1e-5, not bit-equal)."""
     assert len(entries) == len(expected)
     for entry, want in zip(entries, expected, strict=True):
-        assert indices(entry) == [i for i, _ in want]
-        for item, (_, score) in zip(entry["topk"], want, strict=True):
-            assert item["score"] == pytest.approx(score, abs=2e-3)
+        assert len(entry["topk"]) == len(want)
+        want_scores = dict(want)
+        for rank, item in enumerate(entry["topk"]):
+            assert item["score"] == pytest.approx(want[rank][1], abs=tolerance)
+            if item["index"] != want[rank][0]:
+                assert abs(want_scores.get(item["index"], want[-1][1]) - want[rank][1]) <= tolerance, (entry, want)
+
+
+def assert_same_top5_as(entries, probabilities, tolerance=2e-3):
+    """Served top-5 against a reference's probabilities: at every rank, the served class has the reference's
+    probability of that rank (a near-tie may swap two classes, nothing else may)."""
+    for entry, row in zip(entries, probabilities, strict=True):
+        best = row.topk(5).values.tolist()
+        assert [row[index].item() for index in indices(entry)] == pytest.approx(best, abs=tolerance)
 
 
 def test_raw_body_put_and_post(server, imagenet_photos, in_process_engine):
@@ -104,7 +117,7 @@ def test_multipart_with_32_photos_returns_32_entries_in_order(server, imagenet_p
     print(f"\n32-photo multipart request: {elapsed * 1e3:.0f} ms")
     assert_matches_engine(entries, in_process_engine.predict(photos))
     reference = reference_probabilities(demo_model, photos, timm_transform(demo_model))  # timm's model, our weights
-    assert [indices(entry) for entry in entries] == reference.topk(5, dim=1).indices.tolist()  # timm's pipeline
+    assert_same_top5_as(entries, reference)  # timm's pipeline
 
 
 def test_json_request_with_a_bad_image_keeps_the_good_ones(server, imagenet_photos, in_process_engine):
