@@ -41,7 +41,9 @@ def demo_config(tmp_path, **overrides):
 
 @pytest.fixture(scope="module")
 def split_demo(demo_model):
-    return split_classifier(demo_model, 1000)
+    """The demo split into features and logits, on a copy: split_classifier takes the head out in place, and
+    demo_model is shared with other test modules."""
+    return split_classifier(copy.deepcopy(demo_model), 1000)
 
 
 @pytest.fixture(scope="module")
