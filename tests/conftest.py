@@ -18,6 +18,25 @@ from make_corpus import write_corpus  # noqa: E402
 
 from handler.config import HandlerConfig  # noqa: E402
 
+FRESH_VENV_MODULE = pytest.StashKey()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The fresh serving venv (tests/test_image.py) mostly waits on downloads: when a selected test needs it, start
+    its install now, so that it runs beside the tests before that one."""
+    for item in session.items:
+        if "fresh_venv" in getattr(item, "fixturenames", ()):
+            item.module.start_fresh_venv()
+            session.config.stash[FRESH_VENV_MODULE] = item.module
+            return
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop and remove the fresh venv's install if the test that needed it never ran (e.g. -x ended the run)."""
+    module = session.config.stash.get(FRESH_VENV_MODULE, None)
+    if module is not None:
+        module.remove_fresh_venv()
+
 
 @pytest.fixture(scope="session")
 def corpus() -> Path:

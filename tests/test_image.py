@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -163,21 +164,62 @@ class FreshVenvTorchServe(TorchServe):
         return env
 
 
+class FreshVenvBuild:
+    """``python -m venv`` + ``pip install -r requirements-serve.txt`` in a subprocess: mostly waiting on downloads, so
+    it starts as soon as the session's tests are collected (tests/conftest.py) and runs beside the other tests.
+
+    --no-compile: no .pyc files written for the thousands of modules torch ships (the image writes them; this test
+    only needs what gets installed). Through this machine's package proxy pip's cache does not keep the wheels, so
+    every run downloads them again (about 3 GB with torch's CUDA libraries)."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="serve-venv-"))
+        self.log = self.folder.with_name(self.folder.name + ".log")
+        self.started = time.monotonic()
+        python = self.folder / "bin" / "python"
+        script = (f"{shlex.quote(sys.executable)} -m venv {shlex.quote(str(self.folder))} && "
+                  f"{shlex.quote(str(python))} -m pip install --quiet --disable-pip-version-check --no-compile "
+                  f"-r {shlex.quote(str(SERVE_REQUIREMENTS))}")
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self) -> Path:
+        returncode = self.process.wait(timeout=1200)
+        assert returncode == 0, self.log.read_text()[-3000:]
+        print(f"\nfresh venv from requirements-serve.txt: ready {time.monotonic() - self.started:.0f} s after it "
+              f"started")
+        return self.folder
+
+    def remove(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.log.unlink(missing_ok=True)
+
+
+_fresh_venv_build: FreshVenvBuild | None = None
+
+
+def start_fresh_venv() -> None:
+    """Start the fresh venv's install now, if no one has yet (tests/conftest.py calls this after collection)."""
+    global _fresh_venv_build
+    if _fresh_venv_build is None:
+        _fresh_venv_build = FreshVenvBuild()
+
+
+def remove_fresh_venv() -> None:
+    if _fresh_venv_build is not None:
+        _fresh_venv_build.remove()
+
+
 @pytest.fixture(scope="module")
 def fresh_venv():
-    folder = Path(tempfile.mkdtemp(prefix="serve-venv-"))
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
-    python = folder / "bin" / "python"
-    # --no-compile: no .pyc files written for the thousands of modules torch ships (the image writes them; this
-    # test only needs what gets installed). Through this machine's package proxy pip's cache does not keep the
-    # wheels, so every run downloads them again (about 3 GB with torch's CUDA libraries).
-    installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                                "--no-compile", "-r", str(SERVE_REQUIREMENTS)], capture_output=True, text=True)
-    assert installed.returncode == 0, installed.stderr[-3000:]
-    print(f"\nfresh venv from requirements-serve.txt: {time.monotonic() - started:.0f} s")
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    start_fresh_venv()
+    try:
+        yield _fresh_venv_build.wait()
+    finally:
+        remove_fresh_venv()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Models beyond the demo, end to end: torchvision's resnet50 and timm's resnet50 at 288 px, each served with
-its own preprocessing and checked against that model's own reference pipeline.
+"""Models beyond the demo, end to end: torchvision's mobilenet_v3_large and timm's resnet18 at 288 px, each served
+with its own preprocessing and checked against that model's own reference pipeline. (Both preprocess exactly as
+their bigger siblings resnet50 do, IMAGENET1K_V2's 232/224 and timm's a1_in1k: cheaper to build and serve.)
 
 No trained weights for these two ship in a registry package, so they carry seeded random weights: the
 served answers are compared with the same archive run in this process, and the crops with the reference.
@@ -26,11 +27,11 @@ from handler.engine import InferenceEngine
 from handler.model import load_model
 
 pytestmark = pytest.mark.e2e
-TIMM_288 = "timm_resnet50_288"
+TIMM_288 = "timm_resnet18_288"
 
 
 def timm_288_transform():
-    """timm's eval transform for resnet50 at its test size (288 px, crop_pct 1.0), straight from timm."""
+    """timm's eval transform for resnet18/resnet50 at their test size (288 px, crop_pct 1.0), straight from timm."""
     from timm.data import create_transform
 
     return create_transform(input_size=(3, 288, 288), crop_pct=1.0, interpolation="bicubic",
@@ -38,7 +39,7 @@ def timm_288_transform():
 
 
 MODELS = {  # archive name -> (reference transform, the handler: values the archive must record)
-    "resnet50": (lambda: torchvision_transform("resnet50"),
+    "mobilenet_v3_large": (lambda: torchvision_transform("mobilenet_v3_large"),
                  {"resize_size": 232, "crop_size": 224, "interpolation": "bilinear"}),  # IMAGENET1K_V2's
     TIMM_288: (timm_288_transform, {"resize_size": 288, "crop_size": 288, "interpolation": "bicubic"}),
 }
@@ -48,13 +49,13 @@ MODELS = {  # archive name -> (reference transform, the handler: values the arch
 def store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     build = [sys.executable, str(REPO / "scripts" / "build_mar.py"), "--export-path", str(folder)]
-    built = subprocess.run([*build, "--arch", "resnet50"], capture_output=True, text=True)
+    built = subprocess.run([*build, "--arch", "mobilenet_v3_large"], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-3000:]
     config = folder / "timm-288.yaml"
     settings = yaml.safe_load((REPO / "model-config.yaml").read_text())
     settings["handler"].update({"crop_size": 288, "crop_pct": 1.0})
     config.write_text(yaml.safe_dump(settings))
-    done = subprocess.run([*build, "--arch", "timm:resnet50", "--model-name", TIMM_288, "--config", str(config)],
+    done = subprocess.run([*build, "--arch", "timm:resnet18", "--model-name", TIMM_288, "--config", str(config)],
                           check=True, capture_output=True, text=True)
     assert "resize_size    288" in done.stdout and "model-config.yaml crop_pct 1.0" in done.stdout
     return folder

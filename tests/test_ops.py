@@ -267,13 +267,13 @@ def rss(pids):
     return {pid: psutil.Process(pid).memory_info().rss for pid in pids if psutil.pid_exists(pid)}
 
 
-def test_load_while_scaling_1_to_3_to_1(server, imagenet_photos):
+def test_load_while_scaling_1_to_2_to_1(server, imagenet_photos):
     photos = imagenet_photos[:4]
     for _ in range(6):  # steady state before measuring memory
         assert predict(server, files={f"i{n}": p for n, p in enumerate(photos)}).status_code == 200
     start_rss = rss(server.worker_pids(MODEL))
     with multipart_traffic(server, photos, clients=3) as traffic:
-        scale_down_window = scale_out_and_back(server, MODEL, workers=3, hold_s=8, traffic=traffic)
+        scale_down_window = scale_out_and_back(server, MODEL, workers=2, hold_s=8, traffic=traffic)
     end_rss = rss(server.worker_pids(MODEL))
     outcomes, failures = traffic.outcomes, traffic.failures
     lost_at_scale_down = traffic.failures_in_flight_during(*scale_down_window)
@@ -281,7 +281,7 @@ def test_load_while_scaling_1_to_3_to_1(server, imagenet_photos):
     growth = max((end_rss[p] / start_rss[p] - 1 for p in survivors), default=None)
     if growth is None:  # the original worker was the one stopped: compare the survivor with it
         growth = max(end_rss.values()) / max(start_rss.values()) - 1
-    print(f"\nrequests under scaling 1->3->1: {len(outcomes)}, failed: {len(failures)} "
+    print(f"\nrequests under scaling 1->2->1: {len(outcomes)}, failed: {len(failures)} "
           f"(in flight on a worker TorchServe stopped: {len(lost_at_scale_down)}), "
           f"worker RSS growth: {growth:+.1%} ({max(start_rss.values()) / 2**20:.0f} MiB at start)")
     assert len(outcomes) >= 10
