@@ -21,7 +21,8 @@ import requests
 import torch
 import torchvision
 from conftest import REPO
-from ts_server import free_port
+
+from tests.harness.ts_server import free_port
 
 pytestmark = pytest.mark.e2e
 
