@@ -99,7 +99,7 @@ def handler_code_files() -> list[Path]:
 def handler_code_digest() -> str:
     digest = hashlib.sha256()
     for path in handler_code_files():
-        digest.update(str(path.relative_to(REPO)).encode() + path.read_bytes())
+        digest.update(f"{path.parent.name}/{path.name}".encode() + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -252,6 +252,7 @@ def archive(name: str, serialized: Path, handler: str, extra: list[Path], config
 
 
 def build(args: argparse.Namespace) -> Path:
+    check_input_files(args)
     settings = load_user_config(args.config)
     user = dict(settings.get("handler") or {})
     arch = args.arch or user.get("architecture") or DEMO_ARCH
@@ -450,12 +451,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="do not choose and check the model step here (the server still does at start-up)")
     parser.add_argument("--stock", action="store_true",
                         help="also build <name>_stock.mar with TorchServe's image_classifier handler")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def check_input_files(args: argparse.Namespace) -> None:
+    """A BuildError (one line, no usage: serve.sh passes options of its own) for a named file that is not there."""
     for option in ("weights", "labels", "config"):
         path = getattr(args, option)
         if path is not None and not path.is_file():
-            parser.error(f"--{option} {path}: no such file")
-    return args
+            where = "" if path.is_absolute() else f" in {Path.cwd()}"
+            raise BuildError(f"--{option} {path}: no such file{where}")
 
 
 def main(argv: list[str] | None = None) -> int:
