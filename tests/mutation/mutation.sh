@@ -18,6 +18,7 @@ while [[ $# -gt 0 && "$1" == -* ]]; do
     case "$1" in
         -j) jobs="$2"; shift 2 ;;
         --resume) resume=1; shift ;;
+        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
     esac
 done
