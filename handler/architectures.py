@@ -11,6 +11,7 @@ weights transforms) > defaults. The archive then records the result; the server 
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ def is_timm(name: str) -> bool:
     return name.startswith(TIMM_PREFIX)
 
 
+def did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
+    """" (did you mean timm:convnext_tiny, ...?)" for the known names closest to a misspelt one; "" if none is close."""
+    close = difflib.get_close_matches(name.split(".")[0], known, n=3, cutoff=0.75)
+    return f" (did you mean {', '.join(prefix + candidate for candidate in close)}?)" if close else ""
+
+
 def build_architecture(name: str, num_classes: int) -> torch.nn.Module:
     """The architecture with a fresh initialisation (never a download)."""
     if is_timm(name):
@@ -42,15 +49,15 @@ def build_architecture(name: str, num_classes: int) -> torch.nn.Module:
 
         timm_name = name[len(TIMM_PREFIX):]
         if not timm.is_model(timm_name):
-            raise ConfigError(
-                f"unknown timm model {timm_name!r}; list the names with: "
-                f"python -c \"import timm; print(timm.list_models('*{timm_name.split('.')[0][:6]}*'))\""
-            )
+            raise ConfigError(f"unknown timm model {timm_name!r}{did_you_mean(timm_name, timm.list_models(), 'timm:')}"
+                              f"; timm {timm.__version__} knows {len(timm.list_models())} architectures, listed at "
+                              f"https://huggingface.co/docs/timm/models")
         return timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
-    if name not in torchvision.models.list_models(module=torchvision.models):
+    torchvision_names = torchvision.models.list_models(module=torchvision.models)
+    if name not in torchvision_names:
         raise ConfigError(
-            f"unknown architecture {name!r}: use a torchvision classification model name such as resnet50, "
-            f"or timm:NAME for any timm model (e.g. timm:convnext_tiny)"
+            f"unknown architecture {name!r}{did_you_mean(name, torchvision_names)}: use a torchvision "
+            f"classification model name such as resnet50, or timm:NAME for any timm model (e.g. timm:convnext_tiny)"
         )
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 

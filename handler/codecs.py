@@ -6,7 +6,8 @@ TorchServe hands the handler one dict per request. Its keys are the multipart fi
 with binary data, arrives as bytes too). HTTP request headers reach the handler separately, with the
 case the client wrote them in. (TorchServe 0.12 does not pass query parameters to the handler.)
 This module turns one such row into an ordered list of image payloads, and the engine's results back
-into the matching response shape. The Open Inference Protocol's layout lives in ``handler.oip``.
+into the matching response shape. The Open Inference Protocol's layout lives in ``image_batch_client.oip``
+(client/ in the repository; every archive carries a copy).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from handler import oip
+from image_batch_client import oip
 
 BODY_KEYS = ("body", "data")
 OPTION_KEYS = frozenset({"topk", "outputs"})  # multipart fields that are options, never images

@@ -51,7 +51,7 @@ class HandlerConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     # Decode at a reduced JPEG DCT scale when the image is much larger than resize_size.
     reduced_jpeg_decode: bool = True
-    # Decode at least this multiple of resize_size on the short side; chosen by scripts/bench_decode_scale.py.
+    # Decode at least this multiple of resize_size on the short side; chosen by bench/bench_decode_scale.py.
     draft_margin: float = 2.0
 
     # How images are decoded and transformed.

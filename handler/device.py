@@ -91,7 +91,7 @@ class DeviceRuntime:
     On CUDA the device is made the process's current device at construction (TorchServe gives each worker a
     ``gpu_id`` but sets no current device, and pinned memory, cuDNN/cuBLAS handles and nvJPEG use the current
     one), and ``scope()`` guards it again around every call. ``placement`` is where tensors live: the device
-    itself, except under tests/simulated_device.py, which runs the CUDA branches with tensors on the CPU.
+    itself, except under tests/harness/simulated_device.py, which runs the CUDA branches with tensors on the CPU.
     """
 
     def __init__(self, device: torch.device, pin_memory: bool = True, placement: torch.device | None = None) -> None:

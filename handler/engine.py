@@ -52,7 +52,7 @@ ChunkOutputs = dict[str, torch.Tensor]  # output name -> tensor with one row per
 # compiled graph) per bucket.
 DEFAULT_CUDA_BUCKETS = (1, 2, 4, 8, 16, 32)
 # What one more chunk costs, in images of model time: the price plan_chunks weighs against padding. Provisional
-# (no GPU measured yet): scripts/gpu_check.py reports the model time per bucket from which it follows.
+# (no GPU measured yet): bench/gpu_check.py reports the model time per bucket from which it follows.
 LAUNCH_COST_IMAGES = 2
 MIN_OVERLAP_CHUNK = 4  # a request is cut for overlap only into chunks of at least this many images
 # A static-shape step on the CPU (inductor) compiles each bucket at warm-up, ~45 s each for the demo on 2 cores

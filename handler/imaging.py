@@ -4,7 +4,7 @@ The geometry reproduces torchvision's ``Resize(resize_size, interpolation)`` + `
 but resamples only the pixels the crop keeps (``resize_box``). Big JPEGs are decoded at a reduced DCT scale
 (``Image.draft``) that still leaves at least ``draft_margin * resize_size`` pixels on the short side: the
 default margin was chosen on the trained demo model against timm's full-decode pipeline
-(scripts/bench_decode_scale.py); landing exactly on the target size starves the antialiasing filter.
+(bench/bench_decode_scale.py); landing exactly on the target size starves the antialiasing filter.
 """
 
 from __future__ import annotations

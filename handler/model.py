@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import pickletools
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle/zip errors come in many types
-            raise WeightsMismatch(f"{path} is not a state_dict saved with torch.save ({error})") from None
+            pickled = pickled_object(path)
+            if pickled is not None:
+                raise WeightsMismatch(
+                    f"{path} holds a whole pickled object ({pickled}), not a state_dict: save the weights alone with "
+                    f"torch.save(model.state_dict(), {path.name!r}) and pass that file (a TorchScript file: "
+                    f"--arch torchscript)") from None
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            raise WeightsMismatch(f"{path} is not a state_dict saved with torch.save ({type(error).__name__}: "
+                                  f"{first_line})") from None
     for key in ("state_dict", "model"):
         if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
@@ -83,6 +93,30 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if state_dict and all(key.startswith("module.") for key in state_dict):
         state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     return state_dict
+
+
+# What torch.save pickles for a state_dict: tensors, storages, dicts. Any other class is a pickled Python object.
+STATE_DICT_PICKLE_MODULES = frozenset({"torch", "torch._utils", "torch.serialization", "collections", "builtins",
+                                       "_codecs", "torch._tensor"})
+
+
+def pickled_object(path: Path) -> str | None:
+    """The first class a torch.save file pickles besides tensors and dicts (e.g. torchvision.models.resnet.ResNet
+    for torch.save(model)), read from the pickle's opcodes without loading anything; None if there is none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickle_name = next((name for name in archive.namelist() if name.endswith("/data.pkl")), None)
+            if pickle_name is None:
+                return None
+            data = archive.read(pickle_name)
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL":
+                module, _, name = str(argument).partition(" ")
+                if module not in STATE_DICT_PICKLE_MODULES:
+                    return f"{module}.{name}"
+    except (OSError, ValueError, zipfile.BadZipFile):  # not a zip, or a pickle cut short: not a whole model
+        return None
+    return None
 
 
 def check_weights_fit(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], architecture: str) -> None:

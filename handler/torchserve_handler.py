@@ -18,7 +18,6 @@ import numpy
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler import oip
 from handler.backends import EAGER, choose_model_step, eager_step, weights_key
 from handler.codecs import (
     EMBEDDING,
@@ -46,6 +45,7 @@ from handler.model import (
 )
 from handler.outputs import Prediction, TopK
 from handler.server_metrics import ServerMetrics
+from image_batch_client import oip
 
 logger = logging.getLogger(__name__)
 # Embeddings in JSON: 7 decimals, an error of at most 5e-8 per value (float32's own step near 1.0 is 6e-8;

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Build model_store/<name>.mar: our handler, a model, its weights, and everything the handler needs.
 
+The archive carries handler/ and, of the client package (client/image_batch_client), the wire format the
+handler shares with it (__init__.py and oip.py: standard library only).
+
     scripts/build_mar.py                                     # the demo: ImageNet-trained EfficientNet-Lite0
     scripts/build_mar.py --arch resnet18 --weights r18.pt    # any torchvision classification model
     scripts/build_mar.py --arch timm:convnext_tiny --weights convnext.safetensors --labels names.json
@@ -83,11 +86,30 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# What the handler needs of the client package: the Open Inference Protocol's wire format (standard library only).
+WIRE_FORMAT_PACKAGE = REPO / "client" / "image_batch_client"
+WIRE_FORMAT_FILES = ("__init__.py", "oip.py")
+
+
+def handler_code_files() -> list[Path]:
+    """The Python files an archive carries for the handler: handler/ and the wire format it shares with the client."""
+    return [*sorted((REPO / "handler").glob("*.py")), *(WIRE_FORMAT_PACKAGE / name for name in WIRE_FORMAT_FILES)]
+
+
 def handler_code_digest() -> str:
     digest = hashlib.sha256()
-    for path in sorted((REPO / "handler").glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in handler_code_files():
+        digest.update(f"{path.parent.name}/{path.name}".encode() + path.read_bytes())
     return digest.hexdigest()
+
+
+def stage_handler_code(package_root: Path) -> None:
+    """handler/ and image_batch_client/{__init__,oip}.py, side by side: the worker imports both from the archive."""
+    shutil.copytree(REPO / "handler", package_root / "handler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    wire_format = package_root / WIRE_FORMAT_PACKAGE.name
+    wire_format.mkdir()
+    for name in WIRE_FORMAT_FILES:
+        shutil.copy(WIRE_FORMAT_PACKAGE / name, wire_format / name)
 
 
 def bundled_state_dict(arch: str, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -230,6 +252,7 @@ def archive(name: str, serialized: Path, handler: str, extra: list[Path], config
 
 
 def build(args: argparse.Namespace) -> Path:
+    check_input_files(args)
     settings = load_user_config(args.config)
     user = dict(settings.get("handler") or {})
     arch = args.arch or user.get("architecture") or DEMO_ARCH
@@ -291,8 +314,7 @@ def build(args: argparse.Namespace) -> Path:
         info_path.write_text(json.dumps(info, indent=2))
         config_path = stage / "model-config.yaml"
         config_path.write_text(yaml.safe_dump({**settings, "handler": section}, sort_keys=False))
-        shutil.copytree(REPO / "handler", package_root / "handler",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        stage_handler_code(package_root)
         built = archive(name, weights_path, str(REPO / "handler" / "torchserve_handler.py"),
                         [package_root, labels_path, info_path], config_path, args.export_path)
         print(f"built {built}")
@@ -429,12 +451,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="do not choose and check the model step here (the server still does at start-up)")
     parser.add_argument("--stock", action="store_true",
                         help="also build <name>_stock.mar with TorchServe's image_classifier handler")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def check_input_files(args: argparse.Namespace) -> None:
+    """A BuildError (one line, no usage: serve.sh passes options of its own) for a named file that is not there."""
     for option in ("weights", "labels", "config"):
         path = getattr(args, option)
         if path is not None and not path.is_file():
-            parser.error(f"--{option} {path}: no such file")
-    return args
+            where = "" if path.is_absolute() else f" in {Path.cwd()}"
+            raise BuildError(f"--{option} {path}: no such file{where}")
 
 
 def main(argv: list[str] | None = None) -> int:

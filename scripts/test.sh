@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh requirements-dev.txt  # explicit: pytest arguments are not for it
 echo ">> ruff"
-ruff check handler scripts tests deploy
+ruff check handler client scripts bench tests deploy
 echo ">> pytest"
 if [ $# -gt 0 ]; then
     exec python -X faulthandler -m pytest -ra "$@"

@@ -11,8 +11,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+# handler/ and tests.harness from the repository; the user commands (scripts/) and the benchmarks (bench/) are flat
+# folders of scripts that import each other by name; client/ holds image_batch_client, which .venv has installed
+# (-e ./client) but a venv made for a GPU machine (bench/make_gpu_venv.sh) has not.
+for _folder in (REPO, REPO / "scripts", REPO / "bench", REPO / "client"):
+    sys.path.insert(0, str(_folder))
 
 from make_corpus import write_corpus  # noqa: E402
 
@@ -109,7 +112,7 @@ def demo_store(tmp_path_factory) -> Path:
 def demo_server(demo_store, request):
     """One real TorchServe (token auth on, free loopback ports) serving the demo, shared by the test modules
     that leave its state as they found it."""
-    from ts_server import TorchServe
+    from tests.harness.ts_server import TorchServe
 
     server = TorchServe(demo_store, [f"{DEMO_MODEL_NAME}.mar"])
     server.start()

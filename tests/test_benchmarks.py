@@ -15,7 +15,7 @@ from conftest import DEMO_PREPROCESSING, REPO
 
 from handler.config import HandlerConfig
 
-SCRIPTS = REPO / "scripts"
+BENCH = REPO / "bench"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Our served answers against timm's own eval pipeline on ImageNet-size photos (full decode on both sides,
 # bicubic): measured max top-5 score shift 0.0003 over the quick run's 16 photos, 0.0019 over 24 in
@@ -24,7 +24,7 @@ MAX_TOP5_SHIFT_IMAGENET = 0.005
 
 
 def run_script(name: str, *args: str, timeout: float = 240, returncode: int = 0) -> subprocess.CompletedProcess:
-    completed = subprocess.run([sys.executable, str(SCRIPTS / name), *args], cwd=REPO, capture_output=True,
+    completed = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=REPO, capture_output=True,
                                text=True, timeout=timeout)
     assert completed.returncode == returncode, (
         f"{name} exited with {completed.returncode}:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
@@ -54,7 +54,7 @@ def assert_labels_show(labels: list[str], values: list[float]) -> None:
 def archives(tmp_path_factory) -> Path:
     """Our archive and the stock one, from the demo's weights, built once for this module."""
     store = tmp_path_factory.mktemp("model_store")
-    subprocess.run([sys.executable, str(SCRIPTS / "build_mar.py"), "--stock", "--export-path", str(store)],
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_mar.py"), "--stock", "--export-path", str(store)],
                    check=True, capture_output=True, timeout=300)
     return store
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import build_mar
 import pytest
@@ -74,6 +75,46 @@ def test_unknown_architectures_get_a_clear_error(arch, message, tmp_path, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("arch", "suggested"), [
+    ("timm:convnxt_tiny", "(did you mean timm:convnext_tiny,"),
+    ("resnt50", "(did you mean resnet50,"),
+])
+def test_a_misspelt_architecture_gets_the_names_it_was_close_to(arch, suggested, tmp_path, capsys):
+    """Named in the message itself: no command to paste that would need the project's venv."""
+    assert build_mar.main(["--arch", arch, "--export-path", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert suggested in error and "python -c" not in error
+
+
+def test_a_whole_pickled_model_is_told_to_save_its_state_dict(tmp_path, capsys):
+    torch.save(torchvision.models.resnet18(num_classes=10), tmp_path / "whole.pt")  # the model, not its weights
+    assert build_mar.main(["--arch", "resnet18", "--weights", str(tmp_path / "whole.pt"), "--export-path",
+                           str(tmp_path / "store")]) == 2
+    error = capsys.readouterr().err
+    assert "holds a whole pickled object (torchvision.models.resnet.ResNet), not a state_dict" in error
+    assert "torch.save(model.state_dict(), 'whole.pt')" in error
+    assert "weights_only" not in error and len(error.strip().splitlines()) == 1
+
+
+def test_a_missing_weights_file_is_one_line_without_the_usage(tmp_path, capsys):
+    assert build_mar.main(["--arch", "resnet18", "--weights", "no_such_weights.pt", "--export-path",
+                           str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.strip().splitlines() == [f"build_mar: --weights no_such_weights.pt: no such file in {Path.cwd()}"]
+
+
+def test_the_handler_code_digest_covers_the_wire_format_the_archive_carries(tmp_path, monkeypatch):
+    before = build_mar.handler_code_digest()
+    copy = tmp_path / "image_batch_client"
+    copy.mkdir()
+    for name in build_mar.WIRE_FORMAT_FILES:
+        (copy / name).write_bytes((build_mar.WIRE_FORMAT_PACKAGE / name).read_bytes())
+    monkeypatch.setattr(build_mar, "WIRE_FORMAT_PACKAGE", copy)
+    assert build_mar.handler_code_digest() == before
+    (copy / "oip.py").write_text((copy / "oip.py").read_text() + "\n# changed\n")
+    assert build_mar.handler_code_digest() != before
+
+
 @pytest.fixture(scope="module")
 def resnet18_weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights")
@@ -98,6 +139,12 @@ def test_an_archive_records_everything_the_handler_needs(resnet18_weights, tmp_p
     assert config["maxWorkers"] == yaml.safe_load((REPO / "model-config.yaml").read_text())["maxWorkers"]
     assert info["weights"]["file"] == "r18.pt" and len(info["weights"]["sha256"]) == 64
     assert "num_classes    10" in capsys.readouterr().out
+    with zipfile.ZipFile(tmp_path / "r18.mar") as archive:
+        code = {name for name in archive.namelist() if name.endswith(".py")}
+    # the handler and, of the client package, only the wire format it imports (standard library only)
+    assert {"handler/torchserve_handler.py", "image_batch_client/__init__.py", "image_batch_client/oip.py"} <= code
+    assert not {name for name in code if name.startswith("image_batch_client/")} - {
+        "image_batch_client/__init__.py", "image_batch_client/oip.py"}
 
 
 def test_a_checkpoint_with_a_wrapped_prefixed_state_dict_is_accepted(resnet18_weights, tmp_path):

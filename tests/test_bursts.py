@@ -20,8 +20,9 @@ import pytest
 import requests
 import yaml
 from conftest import DEMO_MODEL_NAME, REPO, keep_logs_if_failed
-from ts_client import Client, ClientError
-from ts_server import TorchServe
+
+from image_batch_client.client import Client, ClientError
+from tests.harness.ts_server import TorchServe
 
 pytestmark = pytest.mark.e2e
 MODEL = DEMO_MODEL_NAME
@@ -126,7 +127,7 @@ def test_the_cli_reports_what_it_retried(tiny_queue_server, imagenet_photos, tmp
     for index, photo in enumerate(imagenet_photos[:TINY_BURST]):
         (tmp_path / f"{index:02}.jpg").write_bytes(photo)
     key_file = tiny_queue_server.workdir / "key_file.json"
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "client.py"), str(tmp_path), "--one-per-request",
+    done = subprocess.run([sys.executable, "-m", "image_batch_client", str(tmp_path), "--one-per-request",
                            "--concurrency", str(TINY_BURST), "--retries", str(TINY_RETRIES),
                            "--url", tiny_queue_server.inference_url, "--key-file", str(key_file)],
                           capture_output=True, text=True, timeout=120)

@@ -10,28 +10,27 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from client import parse_args
 from conftest import REPO
-from ts_client import (
-    DEFAULT_KEY_FILE,
+
+from image_batch_client.cli import parse_args
+from image_batch_client.client import (
     DEFAULT_RETRIES,
     DEFAULT_RETRY_DELAY,
     DEFAULT_RETRY_DELAY_MAX,
     Client,
     ClientError,
+    checkout_key_file,
     find_key_file,
     image_files,
     longest_wait,
     retry_delay,
 )
-from ts_server import free_port
-
-CLIENT = REPO / "scripts" / "client.py"
+from tests.harness.ts_server import free_port
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, str(CLIENT), *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "image_batch_client", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -70,9 +69,21 @@ def test_key_file_is_found_in_this_directory_first(tmp_path, monkeypatch):
 
 
 def test_the_library_and_client_do_not_import_torch():
-    code = ("import sys; sys.path.insert(0, 'scripts'); import ts_client, client; "
+    code = ("import sys, image_batch_client.client, image_batch_client.cli; "
             "assert 'torch' not in sys.modules and 'ts' not in sys.modules, 'torch or TorchServe imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_the_wire_format_the_handler_imports_needs_only_the_standard_library():
+    """An archive carries image_batch_client/__init__.py and oip.py alone: importing them must not reach further."""
+    code = ("import sys; import image_batch_client.oip; from image_batch_client import oip; "
+            "loaded = sorted(m for m in sys.modules if m.startswith('image_batch_client') or m == 'requests'); "
+            "assert loaded == ['image_batch_client', 'image_batch_client.oip'], loaded")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_the_checkouts_key_file_is_the_last_resort_of_a_client_installed_from_the_checkout():
+    assert checkout_key_file() == REPO / "key_file.json"  # .venv has client/ installed editable
 
 
 def test_cli_says_the_server_is_not_running(tmp_path, imagenet_photos):
@@ -91,9 +102,9 @@ def test_cli_says_the_key_file_is_missing_and_refuses_missing_paths(tmp_path, im
     photo.write_bytes(imagenet_photos[0])
     given = run_cli(photo, "--key-file", tmp_path / "nope.json", cwd=tmp_path)
     assert given.returncode == 1 and "no TorchServe key file" in given.stderr and "Traceback" not in given.stderr
-    if not DEFAULT_KEY_FILE.exists():  # a server started by scripts/serve.sh would be found from anywhere
+    if not checkout_key_file().exists():  # a server started by scripts/serve.sh would be found from anywhere
         default = run_cli(photo, cwd=tmp_path)
-        assert default.returncode == 1 and str(DEFAULT_KEY_FILE) in default.stderr
+        assert default.returncode == 1 and str(checkout_key_file()) in default.stderr
     missing = run_cli(tmp_path / "missing.jpg", cwd=tmp_path)
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr
 
@@ -237,3 +248,36 @@ def test_cli_retry_flags():
     assert parse_args(["--no-retry", __file__]).retries == 0
     assert parse_args(["--retries", "2", __file__]).retries == 2
     assert parse_args([__file__]).retries == DEFAULT_RETRIES
+
+
+def test_cli_says_which_files_in_a_folder_it_skipped(scripted, tmp_path):
+    server = scripted([ANSWER])
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"jpeg")
+    (folder / "notes.txt").write_text("not a photo")
+    (folder / "scan.heic").write_bytes(b"heic")
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(json.dumps({"inference": {"key": "k"}}))
+    done = run_cli(folder, "--url", server.url, "--model", "m", "--key-file", key_file, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    skipped = [line for line in done.stderr.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped 2 files without an image suffix (")
+    assert str(folder / "notes.txt") in skipped[0] and str(folder / "scan.heic") in skipped[0]
+    assert done.stderr.splitlines()[-1].startswith("1 image: 1 answered")
+    assert len(done.stdout.splitlines()) == 1
+
+
+def test_grpc_without_its_extra_is_one_line_saying_what_to_install(tmp_path):
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"jpeg")
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(json.dumps({"inference": {"key": "k"}}))
+    code = ("import sys; sys.modules['grpc'] = None; from image_batch_client.cli import main; "  # as if not installed
+            "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, str(photo), "--transport", "grpc", "--key-file", str(key_file)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: the grpc transport needs grpcio and protobuf")
+    assert "pip install grpcio protobuf" in done.stderr

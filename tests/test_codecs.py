@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from handler import codecs, oip
+from handler import codecs
 from handler.codecs import (
     ImageError,
     Limits,
@@ -13,6 +13,7 @@ from handler.codecs import (
     json_nested_deeper_than,
     parse_request,
 )
+from image_batch_client import oip
 
 LIMITS = Limits(max_images=4, max_image_bytes=1000, max_topk=1000)
 JPEG = b"\xff\xd8\xff\xe0fake-but-nonempty"

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import IMAGENET_MEAN, IMAGENET_STD, eval_transform, reference_tensor
-from simulated_device import SimulatedRuntime, out_of_memory, sticky_error
 from torch.profiler import ProfilerActivity, profile
 from torchvision.io import decode_jpeg
 from torchvision.transforms.v2 import InterpolationMode
@@ -23,6 +21,8 @@ from handler.codecs import ImageError
 from handler.device import DeviceLost
 from handler.device_decode import DeviceJpegDecoder, JpegBackend, resize_and_crop, torchvision_backend
 from handler.imaging import EXIF_ORIENTATION_TAG, TransformSpec, decode_and_transform, resized_size
+from tests.harness.reference import IMAGENET_MEAN, IMAGENET_STD, eval_transform, reference_tensor
+from tests.harness.simulated_device import SimulatedRuntime, out_of_memory, sticky_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec.*:DeprecationWarning")  # torchvision.io, 0.29+
 

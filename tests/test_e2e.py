@@ -11,14 +11,14 @@ import requests
 import torch
 import yaml
 from conftest import DEMO_MODEL_NAME
-from reference import reference_probabilities, timm_transform
-from traffic import Traffic, scale_out_and_back
-from ts_client import classify, classify_one_per_request
-from ts_server import TorchServe
 
 from handler.config import HandlerConfig
 from handler.engine import InferenceEngine
 from handler.model import load_model
+from image_batch_client.client import classify, classify_one_per_request
+from tests.harness.reference import reference_probabilities, timm_transform
+from tests.harness.traffic import Traffic, scale_out_and_back
+from tests.harness.ts_server import TorchServe
 
 pytestmark = pytest.mark.e2e
 MODEL = DEMO_MODEL_NAME

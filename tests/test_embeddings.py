@@ -17,7 +17,8 @@ import requests
 import tritonclient.http as triton
 from conftest import DEMO_MODEL_NAME
 from PIL import Image
-from ts_client import Client
+
+from image_batch_client.client import Client
 
 pytestmark = pytest.mark.e2e
 MODEL = DEMO_MODEL_NAME

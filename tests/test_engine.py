@@ -11,8 +11,6 @@ import pytest
 import torch
 from conftest import DEMO_PREPROCESSING, make_config
 from PIL import Image
-from reference import reference_probabilities, timm_transform
-from simulated_device import RecordingFence, SimulatedCuda, SimulatedRuntime, out_of_memory, sticky_error
 from torch._dynamo.utils import counters
 
 from handler import device_decode, imaging, preprocess
@@ -24,6 +22,8 @@ from handler.device import DeviceLost
 from handler.device_decode import DeviceJpegDecoder, JpegBackend, torchvision_backend
 from handler.engine import InferenceEngine, bucket_for, device_decoder_for, plan_chunks, resolve_buckets
 from handler.preprocess import Preprocessor, transform_spec
+from tests.harness.reference import reference_probabilities, timm_transform
+from tests.harness.simulated_device import RecordingFence, SimulatedCuda, SimulatedRuntime, out_of_memory, sticky_error
 
 
 def engine_for(model, **overrides):
@@ -319,7 +319,7 @@ def test_the_pool_decodes_as_many_images_at_once_as_it_has_threads(imagenet_phot
         np.testing.assert_array_equal(crop, expected)
 
 
-# --- Ordering of device work, checked with fences that log in order (tests/simulated_device.py) -------------
+# --- Ordering of device work, checked with fences that log in order (tests/harness/simulated_device.py) -------------
 
 
 class LoggingPreprocessor(Preprocessor):

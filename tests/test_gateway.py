@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import DEMO_MODEL_NAME, REPO, keep_logs_if_failed
-from traffic import Traffic
-from ts_server import TorchServe, free_port
+
+from tests.harness.traffic import Traffic
+from tests.harness.ts_server import TorchServe, free_port
 
 sys.path.insert(0, str(REPO / "deploy" / "gateway"))
 import key_gateway

@@ -1,7 +1,7 @@
 """CUDA only (nvJPEG, streams, a real sticky error): ``pytest -m gpu tests/test_gpu.py`` on a machine with a GPU.
 
-Needs nothing beyond torch, torchvision, numpy, Pillow and pytest (its images come from scripts/gpu_corpus.py),
-so scripts/gpu_check.py can run it on a bare GPU box. Skipped without CUDA.
+Needs nothing beyond torch, torchvision, numpy, Pillow and pytest (its images come from bench/gpu_corpus.py),
+so bench/gpu_check.py can run it on a bare GPU box. Skipped without CUDA.
 """
 
 import io
@@ -36,7 +36,7 @@ CUDA = torch.device("cuda")
 
 # Provisional, NOT yet measured on a GPU: nvJPEG is a different JPEG implementation (torchvision's own test
 # allows a mean of 2 levels on the full-size decode; the downscale averages much of it away). Tighten these
-# from what scripts/gpu_check.py reports on a lent GPU.
+# from what bench/gpu_check.py reports on a lent GPU.
 GPU_MAX_LEVELS = 16
 GPU_MAX_MEAN_LEVELS = 1.0
 
@@ -208,7 +208,7 @@ except DeviceLost as lost:
 
 def test_gpu_a_real_sticky_error_is_recognised_as_a_lost_device():
     """A device-side assert poisons the CUDA context for good: run it in a child process."""
-    path = os.pathsep.join(str(folder) for folder in (REPO, REPO / "tests", REPO / "scripts"))
+    path = os.pathsep.join(str(REPO / folder) for folder in ("", "tests", "scripts", "bench", "client"))
     child = subprocess.run([sys.executable, "-c", DEVICE_SIDE_ASSERT], cwd=REPO, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": path}, timeout=300)
     assert "DEVICE_LOST" in child.stdout, child.stdout[-2000:] + child.stderr[-4000:]

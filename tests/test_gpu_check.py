@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py must start on a bare GPU machine: torch, torchvision, numpy and Pillow only."""
+"""bench/gpu_check.py must start on a bare GPU machine: torch, torchvision, numpy and Pillow only."""
 
 import gpu_check
 
@@ -23,7 +23,7 @@ def test_a_deadline_too_short_to_finish_still_writes_the_report_and_prints_the_s
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, str(gpu_check.REPO / "scripts" / "gpu_check.py"), "--quick", "--deadline",
+    done = subprocess.run([sys.executable, str(gpu_check.REPO / "bench" / "gpu_check.py"), "--quick", "--deadline",
                            "3"], capture_output=True, text=True, timeout=120, env={**os.environ, "OUT": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads(next(tmp_path.glob("gpu_check-*.json")).read_text())

@@ -1,7 +1,7 @@
-"""The CUDA code paths on a simulated multi-GPU machine (tests/simulated_device.py): which device every CUDA object
-is made and used on, where the host waits and how, what a failure costs, and how the pipeline overlaps.
+"""The CUDA code paths on a simulated multi-GPU machine (tests/harness/simulated_device.py): which device every CUDA
+object is made and used on, where the host waits and how, what a failure costs, and how the pipeline overlaps.
 
-Unverified on a real GPU until scripts/gpu_check.py has run on one; these check the handler's own logic.
+Unverified on a real GPU until bench/gpu_check.py has run on one; these check the handler's own logic.
 """
 
 import io
@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import make_config
 from PIL import Image
-from simulated_device import SimulatedCuda, SimulatedCudaRuntime, TimedModel, out_of_memory
 
 from handler.codecs import ImageError
 from handler.device import DeviceRuntime, StagingBuffers
 from handler.device_decode import DeviceJpegDecoder, JpegBackend, torchvision_backend
 from handler.engine import InferenceEngine
 from handler.preprocess import Preprocessor, transform_spec
+from tests.harness.simulated_device import SimulatedCuda, SimulatedCudaRuntime, TimedModel, out_of_memory
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec.*:DeprecationWarning")
 

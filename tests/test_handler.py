@@ -31,7 +31,7 @@ LOST_DEVICE_WORKER = """
 import sys
 from pathlib import Path
 
-from simulated_device import SimulatedRuntime, sticky_error
+from tests.harness.simulated_device import SimulatedRuntime, sticky_error
 from test_handler import make_context
 from ts.context import RequestProcessor
 
@@ -297,7 +297,7 @@ def test_a_lost_device_ends_the_worker_process_after_logging(model_dir, imagenet
     """Every later batch would fail on a poisoned CUDA context, and TorchServe restarts only a worker that exits."""
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(imagenet_photos[0])
-    path = os.pathsep.join(str(folder) for folder in (REPO, REPO / "tests", REPO / "scripts"))
+    path = os.pathsep.join(str(REPO / folder) for folder in ("", "tests", "scripts", "bench", "client"))
     worker = subprocess.run([sys.executable, "-c", LOST_DEVICE_WORKER, str(model_dir), str(photo)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=300)
     assert worker.returncode == DEVICE_LOST_EXIT_CODE, worker.stderr[-3000:]

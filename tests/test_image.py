@@ -23,7 +23,8 @@ import pytest
 import requests
 import yaml
 from conftest import DEMO_MODEL_NAME, REPO, keep_logs_if_failed
-from ts_server import TorchServe
+
+from tests.harness.ts_server import TorchServe
 
 sys.path.insert(0, str(REPO / "deploy" / "image"))
 import check_pins

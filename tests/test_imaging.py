@@ -6,13 +6,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hostile import damaged_images, jpeg_declaring, png_declaring
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
-from reference import IMAGENET_MEAN, IMAGENET_STD, eval_transform, reference_tensor
 
 from handler.codecs import ImageError
 from handler.imaging import TransformSpec, crop_box, decode_and_transform, resized_size
+from tests.harness.hostile import damaged_images, jpeg_declaring, png_declaring
+from tests.harness.reference import IMAGENET_MEAN, IMAGENET_STD, eval_transform, reference_tensor
 
 SPEC = TransformSpec(resize_size=256, crop_size=224, max_image_pixels=50_000_000,
                      allowed_formats=("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"))

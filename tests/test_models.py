@@ -19,12 +19,12 @@ import requests
 import torch
 import yaml
 from conftest import REPO, keep_logs_if_failed
-from reference import open_rgb, torchvision_transform
-from ts_server import TorchServe
 
 from handler.config import HandlerConfig
 from handler.engine import InferenceEngine
 from handler.model import load_model
+from tests.harness.reference import open_rgb, torchvision_transform
+from tests.harness.ts_server import TorchServe
 
 pytestmark = pytest.mark.e2e
 TIMM_288 = "timm_resnet18_288"

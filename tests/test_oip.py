@@ -1,4 +1,5 @@
-"""The Open Inference Protocol layout (handler/oip.py): round trips, tritonclient's bodies, every malformed case."""
+"""The Open Inference Protocol layout (client/image_batch_client/oip.py): round trips, tritonclient's bodies, every
+malformed case."""
 
 import json
 import struct
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from handler import oip
-from handler.oip import OipError, RequestedOutput, Tensor
+from image_batch_client import oip
+from image_batch_client.oip import OipError, RequestedOutput, Tensor
 
 # Elements chosen to trip a careless parser: empty, JSON-looking, quotes and brackets, every byte value.
 AWKWARD = [b"", b'{"inputs": []}', b'"]}\\', bytes(range(256)) * 40, b"\xff\xd8\xff\xe0 a JPEG-ish start"]

@@ -20,9 +20,10 @@ import pytest
 import requests
 import yaml
 from conftest import DEMO_MODEL_NAME, REPO, keep_logs_if_failed
-from hostile import awkward_but_valid, json_hostile, raw_hostile
-from traffic import Traffic, scale_out_and_back
-from ts_server import TorchServe
+
+from tests.harness.hostile import awkward_but_valid, json_hostile, raw_hostile
+from tests.harness.traffic import Traffic, scale_out_and_back
+from tests.harness.ts_server import TorchServe
 
 pytestmark = pytest.mark.e2e
 MODEL = DEMO_MODEL_NAME

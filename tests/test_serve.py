@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -17,11 +16,11 @@ import zipfile
 
 import psutil
 import pytest
-import requests
 import torch
 import torchvision
 from conftest import REPO
-from ts_server import free_port
+
+from tests.harness.ts_server import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -72,31 +71,42 @@ def torchserve_processes(home):
         return []
 
 
-def readme_recipe() -> list[str]:
-    """The command lines of README's "Serving your own model" recipe."""
+def readme_recipe() -> str:
+    """The shell block of README's "Serving your own model" recipe, as a user pastes it."""
     text = (REPO / "README.md").read_text()
-    block = text[text.index("<!-- recipe: tests/test_serve.py runs these lines -->"):]
-    block = block[block.index("```bash") + len("```bash"): block.index("```", block.index("```bash") + 7)]
-    return [line for line in block.strip().splitlines() if line and not line.startswith("#")]
+    block = text[text.index("<!-- recipe: tests/test_serve.py runs this block as pasted -->"):]
+    return block[block.index("```bash") + len("```bash"): block.index("```", block.index("```bash") + 7)]
 
 
-def test_the_readme_recipe_serves_your_own_model_under_your_name(home):
-    make_weights, serve_line, curl_line = readme_recipe()
-    assert make_weights.startswith(".venv/bin/python -c ") and serve_line.startswith("scripts/serve.sh ")
-    subprocess.run([sys.executable, "-c", shlex.split(make_weights)[2]], cwd=home, check=True)
-    done, _ = serve(home, *shlex.split(serve_line)[1:], "--export-path", str(home / "store"))
+def paste_into(home, block: str) -> str:
+    """The block as it runs in ``home``: a folder laid out like the repo root (.venv, samples/, scripts/serve.sh)
+    whose serve.sh is serve.py with this test's SERVE_HOME and model store; only the port differs."""
+    (home / ".venv").symlink_to(REPO / ".venv")
+    (home / "samples").symlink_to(REPO / "samples")
+    serve_sh = home / "scripts" / "serve.sh"
+    serve_sh.parent.mkdir()
+    serve_sh.write_text(f'#!/usr/bin/env bash\nexport SERVE_HOME={shlex.quote(str(home))}\n'
+                        f'exec {shlex.quote(sys.executable)} {shlex.quote(str(REPO / "scripts" / "serve.py"))} "$@" '
+                        f'--export-path {shlex.quote(str(home / "store"))}\n')
+    serve_sh.chmod(0o755)
+    return block.replace("http://127.0.0.1:8080", address(home, "inference_address"))
+
+
+def test_the_readme_recipe_as_pasted_serves_your_own_model_under_your_name(home, samples):
+    """The whole block in one shell, after an earlier server's key was read into $TOKEN (README, "Calling it"):
+    serve.sh restarts TorchServe, which makes new keys, so the block must read the key again."""
+    block = readme_recipe()
+    serve_line = next(line for line in block.splitlines() if line.startswith("scripts/serve.sh "))
+    model = shlex.split(serve_line)[shlex.split(serve_line).index("--model-name") + 1]
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", paste_into(home, block)], cwd=home, capture_output=True,
+                          text=True, timeout=400, env={**os.environ, "TOKEN": "a-key-of-an-earlier-server"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "num_classes    10" in done.stdout  # taken from the weights' classifier
-    model = shlex.split(serve_line)[shlex.split(serve_line).index("--model-name") + 1]
     assert f"{address(home, 'inference_address')}/predictions/{model} -T" in done.stdout
     assert "UNTRAINED" not in done.stdout
-    url_path, photo = re.search(r"8080(/predictions/\S+) -T (\S+)", curl_line).groups()
-    token = json.loads((home / "key_file.json").read_text())["inference"]["key"]
-    response = requests.put(f"{address(home, 'inference_address')}{url_path}", data=(REPO / photo).read_bytes(),
-                            headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    assert response.status_code == 200
-    assert len(response.json()[0]["topk"]) == 5
-    assert {item["index"] for item in response.json()[0]["topk"]} <= set(range(10))
+    answer = json.loads(done.stdout.split("Stop it with: scripts/serve.sh stop", 1)[1])  # curl's, after serve.sh's
+    assert isinstance(answer, list) and len(answer[0]["topk"]) == 5, answer  # a stale key: 400 InvalidKeyException
+    assert {item["index"] for item in answer[0]["topk"]} <= set(range(10))
 
     again, _ = serve(home, *shlex.split(serve_line)[1:], "--export-path", str(home / "store"))
     assert again.returncode == 0 and f"already serving {model}" in again.stdout and "built" not in again.stdout
@@ -106,6 +116,13 @@ def test_the_readme_recipe_serves_your_own_model_under_your_name(home):
     stopped, _ = serve(home, "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)  # gone when it says so
+
+
+def test_a_missing_weights_file_is_one_line_naming_it(home):
+    done, _ = serve(home, "--arch", "resnet18", "--weights", "no_such_weights.pt", "--model-name", "r18")
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [f"serve.sh: --weights no_such_weights.pt: no such file in {home}"]
+    assert torchserve_processes(home) == []
 
 
 def test_weights_that_do_not_fit_are_refused_at_build_with_the_key_named(home, weights):

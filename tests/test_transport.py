@@ -10,17 +10,18 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import tritonclient.http as triton
-from conftest import REPO
-from ts_client import DEFAULT_MODEL, Client
+
+from image_batch_client.client import DEFAULT_MODEL, Client
 
 pytestmark = pytest.mark.e2e
 MODEL = DEFAULT_MODEL  # the demo archive build_mar.py builds by default: change it in ts_client only
-CLIENT = REPO / "scripts" / "client.py"
+CLIENT = Path(sys.executable).parent / "image-batch-client"  # the console script of the client package
 CORRUPT = b"\xff\xd8\xff\xe0 not really a JPEG after all"
 
 

@@ -48,7 +48,7 @@ def step(what: str, expected_s: float, delay: float = 0.0) -> Iterator[None]:
     counting. With ``delay`` it appears only if the work takes longer than that.
     """
     ticks = max(1, round(4 * expected_s))
-    from tqdm import tqdm  # here, not at import: scripts/gpu_check.py times with this module on bare GPU boxes
+    from tqdm import tqdm  # here, not at import: bench/gpu_check.py times with this module on bare GPU boxes
 
     bar = tqdm(total=ticks, desc=f"{what} (~{expected_s:.0f} s)", bar_format="{desc} |{bar}| {elapsed}",
                delay=delay, dynamic_ncols=True)

@@ -15,9 +15,9 @@ On CUDA every clock read follows torch.cuda.synchronize(), and the host-to-devic
 The stock handler does not convert to RGB (grey/RGBA images fail there), so the mixed set is timed
 for recipe and ours only. Our inputs are also compared with timm's own eval transform, in pixel levels.
 
-    python scripts/bench_preprocess.py                       # all sets, batches 32/64/128 (the longest run)
-    python scripts/bench_preprocess.py --sets imagenet phone --batches 32
-    python scripts/bench_preprocess.py --quick               # a smoke run (< 1 minute) that recommends nothing
+    python bench/bench_preprocess.py                       # all sets, batches 32/64/128 (the longest run)
+    python bench/bench_preprocess.py --sets imagenet phone --batches 32
+    python bench/bench_preprocess.py --quick               # a smoke run (< 1 minute) that recommends nothing
 """
 
 from __future__ import annotations
@@ -64,13 +64,13 @@ from bench_common import (
     time_call,
     write_json,
 )
-from reference import Transform, eval_transform, reference_tensor, timm_transform
 from tqdm import tqdm
 
 from handler.codecs import ImageError
 from handler.config import HandlerConfig
 from handler.engine import InferenceEngine
 from handler.preprocess import Preprocessor
+from tests.harness.reference import Transform, eval_transform, reference_tensor, timm_transform
 
 STOCK_UNSUPPORTED = frozenset({"mixed"})
 

@@ -1,11 +1,11 @@
-"""Measure the engine's pipeline on the simulated GPU (tests/simulated_device.py): how long one request takes and how
-busy the device is, for each way of cutting requests into chunks (chunks_per_request) and each bucket set.
+"""Measure the engine's pipeline on the simulated GPU (tests/harness/simulated_device.py): how long one request takes
+and how busy the device is, for each way of cutting requests into chunks (chunks_per_request) and each bucket set.
 
 The device costs are assumptions (stated in the output), not measurements of a GPU: nvJPEG and ResNet-50 fp16 on a
 recent data-centre GPU, roughly. The engine, its threads, its fences and its waits are the real ones; the device
-is a timeline per stream. scripts/gpu_check.py measures the same request on a real GPU.
+is a timeline per stream. bench/gpu_check.py measures the same request on a real GPU.
 
-    .venv/bin/python tests/measure_pipeline.py [--repeats 5]
+    .venv/bin/python tests/harness/measure_pipeline.py [--repeats 5]
 """
 
 from __future__ import annotations
@@ -16,18 +16,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The test modules it borrows from import each other by name, as under pytest.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pytest
 import torch
 from conftest import make_config
-from simulated_device import SimulatedCuda, SimulatedCudaRuntime, TimedModel
 from test_gpu_simulated import RecordingBackend, jpeg, tiny_classifier
 
 from handler.device_decode import DeviceJpegDecoder
 from handler.engine import InferenceEngine, bucket_for
 from handler.preprocess import transform_spec
+from tests.harness.simulated_device import SimulatedCuda, SimulatedCudaRuntime, TimedModel
 
 # seconds: (decode host per image, decode device per image, model base, model per image)
 SCENARIOS = {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of handler/ against the unit tests, with mutmut (not run in CI: it takes hours on two cores).
-#   scripts/mutation.sh [-j J] [--resume] [module[:N] ...]
+#   tests/mutation/mutation.sh [-j J] [--resume] [module[:N] ...]
 # module: a name under handler/ (default: imaging codecs config preprocess engine); module:N runs a fixed
 #   1-in-N sample of that module's mutants instead of all of them (the report says so).
 # -j J: mutants run at a time (default 2). --resume: keep mutants/ from an interrupted run (handler/ and tests/
@@ -8,9 +8,9 @@
 # Each mutant runs the unit tests that reach the mutated function, and stops at the first failure. The report,
 # printed and written to bench_results/mutation/report.md and report.json, gives per module the score =
 # killed / (total - equivalent) and every surviving mutant with its diff. Known equivalent mutants are listed,
-# with reasons, in tests/mutation_equivalent.txt. mutmut's settings are in pyproject.toml ([tool.mutmut]).
+# with reasons, in tests/mutation/mutation_equivalent.txt. mutmut's settings are in pyproject.toml ([tool.mutmut]).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 jobs=2
 resume=""
@@ -18,6 +18,7 @@ while [[ $# -gt 0 && "$1" == -* ]]; do
     case "$1" in
         -j) jobs="$2"; shift 2 ;;
         --resume) resume=1; shift ;;
+        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
     esac
 done
@@ -46,7 +47,7 @@ fi
 mkdir -p mutants
 ln -sfn ../.cache mutants/.cache
 
-selected=$(.venv/bin/python scripts/mutation_results.py select ${resume:+--unchecked} "${specs[@]}")
+selected=$(.venv/bin/python tests/mutation/mutation_results.py select ${resume:+--unchecked} "${specs[@]}")
 names=()
 if [[ -n "$selected" ]]; then
     mapfile -t names <<< "$selected"
@@ -78,4 +79,4 @@ if [[ ${#names[@]} -gt 0 ]]; then
 fi
 
 echo ">> report"
-.venv/bin/python scripts/mutation_results.py report "${timing[@]}" --out "$out" "${specs[@]}"
+.venv/bin/python tests/mutation/mutation_results.py report "${timing[@]}" --out "$out" "${specs[@]}"

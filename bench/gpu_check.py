@@ -30,8 +30,8 @@ Images: baseline and progressive JPEGs, 500x375 and 12 MP; real photos from .cac
 drawn with numpy and Pillow otherwise. The report goes to $OUT (or bench_results/). Exit code 0 when no check
 failed.
 
-    python3 scripts/gpu_check.py            # on the GPU machine: everything within --deadline (default 450 s)
-    python3 scripts/gpu_check.py --quick    # fewer images and repeats, no compile; also runs on a CPU
+    python3 bench/gpu_check.py            # on the GPU machine: everything within --deadline (default 450 s)
+    python3 bench/gpu_check.py --quick    # fewer images and repeats, no compile; also runs on a CPU
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-for _path in (REPO, REPO / "scripts"):
+# handler/ and tests.harness, the benchmark helpers, make_corpus.py, and the wire format the handler imports from the
+# client package (client/, not installed on a bare GPU box)
+IMPORT_PATH = (REPO, REPO / "bench", REPO / "scripts", REPO / "client")
+for _path in IMPORT_PATH:
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -161,8 +164,8 @@ def environment() -> dict[str, Any]:
 
 
 def run_child(script: str, *args: str) -> subprocess.CompletedProcess:
-    """Run a Python snippet in a fresh interpreter that imports from the repository and scripts/."""
-    path = os.pathsep.join(str(folder) for folder in (REPO, REPO / "scripts"))
+    """Run a Python snippet in a fresh interpreter that imports from the repository as this script does."""
+    path = os.pathsep.join(map(str, IMPORT_PATH))
     return subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": path}, timeout=300)
 
@@ -200,7 +203,7 @@ for name in sys.argv[2].split(","):
 def check_light_imports() -> Check:
     """Import the engine and everything this script imports in a child process where the heavy modules are missing
     (torch imports some of them optionally when they happen to be installed, so sys.modules here proves nothing)."""
-    modules = (*ENGINE_MODULES, "gpu_corpus", "baselines", "bench_common", "reference")
+    modules = (*ENGINE_MODULES, "gpu_corpus", "baselines", "bench_common", "tests.harness.reference")
     child = run_child(BLOCKED_IMPORTS_CHILD, ",".join(HEAVY_MODULES), ",".join(modules))
     return judged(child.returncode == 0, "needs a module a bare GPU box lacks", blocked=HEAVY_MODULES,
                   imported=modules, stderr_tail=child.stderr[-2000:])
@@ -325,7 +328,7 @@ def mixed_request(ctx: Context) -> list[bytes]:
     return (extras + sets["baseline 500x375"])[: ctx.images]
 
 
-# Parity bounds, measured with scripts/gpu_check.py's CPU run (torchvision's CPU decoder + the device resize against
+# Parity bounds, measured with bench/gpu_check.py's CPU run (torchvision's CPU decoder + the device resize against
 # the PIL path, full decode both, the demo's trained weights): see PARITY_MEASURED. nvJPEG is another JPEG
 # implementation; these bounds hold it to what two CPU decoders differ by, with a margin, until a GPU run reports.
 PARITY_MIN_COSINE = 0.995
@@ -491,7 +494,7 @@ except DeviceLost as lost:
 def check_sticky_error(ctx: Context) -> Check:
     if not ctx.cuda:
         return skipped("no CUDA")
-    path = os.pathsep.join(str(folder) for folder in (REPO, REPO / "scripts"))
+    path = os.pathsep.join(map(str, IMPORT_PATH))
     child = subprocess.run([sys.executable, "-c", STICKY_CHILD], cwd=REPO, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": path}, timeout=300)
     lost = "DEVICE_LOST" in child.stdout

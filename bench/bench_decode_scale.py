@@ -8,8 +8,8 @@ made from scikit-image's bundled photos, this measures against timm's own eval p
   - top-1 agreement, and the max / median shift of the reference's top-5 scores;
   - the decode + crop time of a 12 MP photo (median, one thread), and how much faster than a full decode.
 
-    python scripts/bench_decode_scale.py                # ~2 minutes on 2 cores
-    python scripts/bench_decode_scale.py --quick        # a smoke run: few photos, recommends nothing
+    python bench/bench_decode_scale.py                # ~2 minutes on 2 cores
+    python bench/bench_decode_scale.py --quick        # a smoke run: few photos, recommends nothing
 """
 
 from __future__ import annotations

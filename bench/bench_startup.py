@@ -9,8 +9,8 @@ A private TorchServe (own ports, token auth on) serves the demo archive three ti
 Each time is from `torchserve --start` (or the kill) to the model's first READY worker, and the worker's own
 log line says which model step it chose and how long its warm-up took.
 
-    python scripts/bench_startup.py                       # the demo archive (built when missing), ~2 minutes
-    python scripts/bench_startup.py --mar model_store/resnet50.mar
+    python bench/bench_startup.py                       # the demo archive (built when missing), ~2 minutes
+    python bench/bench_startup.py --mar model_store/resnet50.mar
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from pathlib import Path
 import requests
 from bench_common import DEFAULT_OUT, REPO, load_set, machine_info, write_json
 from build_mar import DEMO_MODEL_NAME
-from ts_server import TorchServe
+
+from tests.harness.ts_server import TorchServe
 
 WORKER_PREFIX = re.compile(r"^.*?(?=model step|warmed up)")
 

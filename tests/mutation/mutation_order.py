@@ -1,4 +1,4 @@
-"""pytest plugin for scripts/mutation.sh: run each mutant's likeliest killers first.
+"""pytest plugin for tests/mutation/mutation.sh: run each mutant's likeliest killers first.
 
 For every mutant mutmut runs the unit tests that reached the mutated function and stops at the first
 failure, but in its forkserver mode it passes them in no particular order, so a mutant that one quick
@@ -9,7 +9,7 @@ so their module fixtures are set up once). It changes no verdict, only how soon 
 It also keeps mutmut's coverage run ("stats") out of child processes: tests that run our scripts as
 commands from another directory would otherwise record coverage there and fail on mutmut's missing config.
 
-Loaded by ``-p scripts.mutation_order`` ([tool.mutmut] pytest_add_cli_args); inert outside a mutant.
+Loaded by ``-p tests.mutation.mutation_order`` ([tool.mutmut] pytest_add_cli_args); inert outside a mutant.
 """
 
 from __future__ import annotations

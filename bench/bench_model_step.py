@@ -8,9 +8,9 @@ interleaved rounds (every step once per round, so machine noise hits all of them
 Accuracy (demo only): top-1 agreement and the largest top-5 probability shift against eager fp32 on the corpus's
 ImageNet-size photos, preprocessed by the engine. The CPU model and flags are recorded with the results.
 
-    python scripts/bench_model_step.py                    # demo + ResNet-50, batch 16, all cores (~10 min on 2)
-    python scripts/bench_model_step.py --threads 1 2 --models demo
-    python scripts/bench_model_step.py --quick            # a smoke run that says so
+    python bench/bench_model_step.py                    # demo + ResNet-50, batch 16, all cores (~10 min on 2)
+    python bench/bench_model_step.py --threads 1 2 --models demo
+    python bench/bench_model_step.py --quick            # a smoke run that says so
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Classify images through TorchServe: the library behind scripts/client.py (no torch, no TorchServe).
+"""Classify images through TorchServe: the library behind the image-batch-client command (no torch, no TorchServe).
 
-    from ts_client import Client
+    from image_batch_client import Client, read_keys
     client = Client(token=read_keys()["inference"])        # the server scripts/serve.sh starts
     entries = client.classify([Path("a.jpg"), Path("b.png")])
     # one entry per image, in input order: {"topk": [...]} or {"error": {"status", "message"}}
@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import json
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,15 +36,10 @@ from typing import Any
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from handler import oip  # noqa: E402  (torch-free: handler/__init__.py imports nothing)
+from image_batch_client import oip
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MODEL = "efficientnet_lite0"  # what scripts/serve.sh serves by default
-DEFAULT_KEY_FILE = REPO / "key_file.json"  # scripts/serve.sh starts TorchServe in the repo root
 KEY_FILE_NAME = "key_file.json"
 # oip-binary: OIP with binary data; oip-json: OIP with base64 strings; json: {"images": [base64, ...]};
 # multipart: fields image0..; raw: one image per request as the body; grpc: OIP binary over TorchServe's gRPC API.
@@ -103,17 +97,24 @@ def longest_wait(retries: int, first: float, longest: float) -> float:
 
 def find_key_file(key_file: Path | None = None) -> Path:
     """The key file to use, from any working directory: the one given, else ./key_file.json (TorchServe
-    writes it where it starts), else the repo root's (where scripts/serve.sh starts TorchServe)."""
+    writes it where it starts), else the repository root's when this package is that repository's client/
+    (an editable install: scripts/serve.sh starts TorchServe in the repository root)."""
     if key_file is not None:
         candidates = [Path(key_file)]
     else:
-        candidates = [Path.cwd() / KEY_FILE_NAME, DEFAULT_KEY_FILE]
+        candidates = [Path.cwd() / KEY_FILE_NAME, *filter(None, [checkout_key_file()])]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     looked = " or ".join(str(c) for c in dict.fromkeys(candidates))
     raise ClientError(f"no TorchServe key file at {looked}. TorchServe writes it where it starts: start the "
                       "server with scripts/serve.sh, or pass --key-file PATH")
+
+
+def checkout_key_file() -> Path | None:
+    """<repository>/key_file.json when this package runs from the repository's client/ folder, else None."""
+    root = Path(__file__).resolve().parents[2]
+    return root / KEY_FILE_NAME if (root / "scripts" / "serve.sh").is_file() else None
 
 
 def read_keys(key_file: Path | None = None) -> dict[str, str]:
@@ -126,13 +127,17 @@ def read_keys(key_file: Path | None = None) -> dict[str, str]:
         raise ClientError(f"cannot read the keys in {path}: {error}") from None
 
 
-def image_files(paths: Sequence[Path]) -> list[Path]:
-    """Files named, and image files found in the directories named (recursively, sorted)."""
+def image_files(paths: Sequence[Path], skipped: list[Path] | None = None) -> list[Path]:
+    """Files named, and image files found in the directories named (recursively, sorted; hidden files and folders
+    are not searched). Files in those directories without an image suffix are left out and added to ``skipped``."""
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            visible = sorted(p for p in path.rglob("*") if p.is_file()
+                             and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found += [p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES]
+            if skipped is not None:
+                skipped += [p for p in visible if p.suffix.lower() not in IMAGE_SUFFIXES]
         elif path.is_file():
             found.append(path)
         else:
@@ -180,8 +185,11 @@ class Client:
         self._local = threading.local()
         self._grpc = None
         if transport == "grpc":
-            from ts_grpc import DEFAULT_ADDRESS, GrpcPredictions
-
+            try:
+                from image_batch_client.grpc_transport import DEFAULT_ADDRESS, GrpcPredictions
+            except ImportError as missing:
+                raise ClientError(f"the grpc transport needs grpcio and protobuf ({missing}): pip install grpcio "
+                                  "protobuf (the client's grpc extra), or use the default transport") from None
             self.grpc_address = grpc_address or DEFAULT_ADDRESS
             self._grpc = GrpcPredictions(self.grpc_address, token)
 

@@ -1,4 +1,4 @@
-"""A small JPEG corpus for scripts/gpu_check.py and tests/test_gpu.py that needs nothing but numpy and Pillow.
+"""A small JPEG corpus for bench/gpu_check.py and tests/test_gpu.py that needs nothing but numpy and Pillow.
 
 Real photos from the repo's corpus (``.cache/corpus``, made by scripts/make_corpus.py from scikit-image's
 bundled photos) when it is there; photo-like images drawn with numpy and Pillow otherwise. Every set comes

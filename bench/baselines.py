@@ -1,5 +1,5 @@
 """The two preprocessing baselines the benchmarks compare against, needing only torch, torchvision and Pillow
-(scripts/gpu_check.py runs them on a bare GPU box):
+(bench/gpu_check.py runs them on a bare GPU box):
 
   stock   TorchServe's image_classifier: per image Image.open + Resize / CenterCrop / ToTensor / Normalize in
           float32 (``transform``: the model's own numbers), sequential, then torch.stack and .to(device)
@@ -21,10 +21,10 @@ for _path in (REPO, REPO / "scripts"):
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from reference import Transform  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from handler.imaging import to_rgb  # noqa: E402
+from tests.harness.reference import Transform  # noqa: E402
 
 
 def stock_batch(images: Sequence[bytes], device: torch.device, torch_threads: int = 0, *,

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PORT_KEYS = ("inference_address", "management_address", "metrics_address")
 
 

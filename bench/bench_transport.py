@@ -6,20 +6,20 @@ A do-nothing archive (its handler reads no image: it counts the images of each r
 placeholder entries in the request's own format) is served by a private TorchServe (own ports, token
 auth on, the frontend settings of model-config.yaml: batchSize, maxBatchDelay, one worker). A batch of
 N photos is sent in each format, as one request or split into R concurrent requests (TorchServe
-batches them again), through scripts/ts_client.py:
+batches them again), through the client package (image_batch_client):
 
   raw         one image per request as the body (only as N requests)
   multipart   fields image0..                       json        {"images": [base64, ...]}
   oip-json    Open Inference Protocol, base64 in JSON   oip-binary  OIP binary data extension
   grpc        TorchServe's gRPC Predictions API carrying an OIP binary body
-  client      ts_client.Client's defaults: what scripts/client.py does
+  client      image_batch_client.Client's defaults: what the image-batch-client command does
 
 Rounds run every case once in turn (machine noise hits all alike); the table gives the median time per
 batch. The handler's own time per batch is measured in this process: our engine with the model and
 settings packed in our archive (built by scripts/build_mar.py), same images, no HTTP.
 
-    python scripts/bench_transport.py               # 32 photos per set, 1/4/8/32 requests, 7 rounds
-    python scripts/bench_transport.py --quick       # smoke run: 8 photos, 2 rounds; recommends nothing
+    python bench/bench_transport.py               # 32 photos per set, 1/4/8/32 requests, 7 rounds
+    python bench/bench_transport.py --quick       # smoke run: 8 photos, 2 rounds; recommends nothing
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ from bench_common import (
     write_json,
 )
 from tqdm import tqdm
-from ts_client import Client, ClientError
-from ts_server import TorchServe
+
+from image_batch_client.client import Client, ClientError
+from tests.harness.ts_server import TorchServe
 
 NOOP = "noop"
 FORMATS = ("raw", "multipart", "json", "oip-json", "oip-binary", "grpc")
@@ -61,7 +62,7 @@ NOOP_HANDLER = '''\
 import json
 import math
 
-from handler import oip
+from image_batch_client import oip
 
 ENTRY = {"topk": [{"label": "noop", "index": 0, "score": 1.0}]}
 OPTIONS = {"topk", "outputs"}  # multipart fields that are not images
@@ -100,16 +101,17 @@ def _answer(row, index, context):
 
 
 def build_noop_archive(store: Path) -> str:
-    """model_store/noop.mar: the do-nothing handler with handler/oip.py, and model-config.yaml's frontend keys."""
+    """model_store/noop.mar: the do-nothing handler with the wire format (image_batch_client/oip.py), and
+    model-config.yaml's frontend keys."""
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
         (stage / "noop_handler.py").write_text(NOOP_HANDLER)
         (stage / "weights.bin").write_bytes(b"none")
-        package = stage / "package" / "handler"
+        package = stage / "package" / "image_batch_client"
         package.mkdir(parents=True)
         for name in ("__init__.py", "oip.py"):
-            (package / name).write_bytes((REPO / "handler" / name).read_bytes())
+            (package / name).write_bytes((REPO / "client" / "image_batch_client" / name).read_bytes())
         settings = yaml.safe_load((REPO / "model-config.yaml").read_text()) or {}
         settings.pop("handler", None)
         (stage / "config.yaml").write_text(yaml.safe_dump(settings))

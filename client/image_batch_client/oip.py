@@ -1,7 +1,8 @@
 """How an Open Inference Protocol (KServe v2) body is laid out: JSON, or JSON plus binary tensor data.
 
-The one place that knows the wire format, shared by the server (``handler.codecs``) and the client
-(``scripts/ts_client.py``): no torch, no TorchServe, nothing but the standard library.
+The one place that knows the wire format, shared by the client (``image_batch_client.client``) and the
+server (``handler.codecs``; build_mar.py packs this file into every archive): no torch, no TorchServe, nothing
+but the standard library.
 
 A body is a JSON header, optionally followed by binary tensor data (the binary data extension). The
 header's length travels in the ``Inference-Header-Content-Length`` HTTP header; where no header is

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The bookkeeping half of scripts/mutation.sh (run from the repository root, in .venv).
+"""The bookkeeping half of tests/mutation/mutation.sh (run from the repository root, in .venv).
 
   select SPEC...   print the names of the mutants to run, one a line
   report SPEC...   write report.md and report.json from mutmut's results under mutants/
@@ -8,7 +8,7 @@ A SPEC is a handler module name, optionally with a sample size: ``engine:4`` is 
 of engine's mutants (chosen by a hash of each mutant's name, so every run draws the same sample of
 the same code). A module's score is killed / (total - equivalent) over the mutants run for it.
 
-Known equivalent mutants come from tests/mutation_equivalent.txt. An entry names a function and a
+Known equivalent mutants come from tests/mutation/mutation_equivalent.txt. An entry names a function and a
 fingerprint of the mutation (its diff's - and + lines), not mutmut's mutant number: numbers shift
 whenever the function changes, the fingerprint only when the mutated code itself does.
 """
@@ -228,7 +228,8 @@ def markdown(results: list[ModuleResult], stale: list[str], wall_seconds: float 
         out.append(f"| {name} | {r.total} | {r.killed} | {r.survived} | {r.timeout} | {r.suspicious} "
                    f"| {r.no_tests} | {r.equivalent} | {score} |")
     if any(r.not_checked for r in results):
-        out += ["", "**Incomplete:** some mutants were not run (interrupted?): `scripts/mutation.sh --resume ...`."]
+        out += ["", "**Incomplete:** some mutants were not run (interrupted?): "
+                    "`tests/mutation/mutation.sh --resume ...`."]
     if stale:
         out += ["", "## Stale equivalent entries (they match no mutant that survived: fix or remove them)", ""]
         out += [f"- `{entry}`" for entry in stale]
@@ -274,7 +275,7 @@ def main() -> None:
     select = commands.add_parser("select", help="print the names of the mutants to run")
     select.add_argument("--unchecked", action="store_true", help="only those without a result in mutants/")
     write = commands.add_parser("report", help="write report.md and report.json")
-    write.add_argument("--equivalent", type=Path, default=Path("tests/mutation_equivalent.txt"))
+    write.add_argument("--equivalent", type=Path, default=Path("tests/mutation/mutation_equivalent.txt"))
     write.add_argument("--out", type=Path, default=Path("bench_results/mutation"))
     write.add_argument("--wall-seconds", type=float)
     for command in (select, write):

@@ -22,10 +22,10 @@ this process without HTTP (decode wait vs model time); and accuracy: our served 
 eval pipeline (full decode + timm.data.create_transform) on the same weights: top-1 agreement and the
 max / median shift of the reference's top-5 scores.
 
-    python scripts/bench_serve.py --sets imagenet phone --sizes 32 --concurrency 1 --no-recipe --requests 8
+    python bench/bench_serve.py --sets imagenet phone --sizes 32 --concurrency 1 --no-recipe --requests 8
                                   # one 32-photo request, ours vs stock (~6 minutes on 2 cores)
-    python scripts/bench_serve.py # sizes 1/8/32/64, 1 and 4 clients, with the recipe (the longest run)
-    python scripts/bench_serve.py --quick   # a smoke run (~1 minute) that recommends nothing
+    python bench/bench_serve.py # sizes 1/8/32/64, 1 and 4 clients, with the recipe (the longest run)
+    python bench/bench_serve.py --quick   # a smoke run (~1 minute) that recommends nothing
 """
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ from bench_common import (
     write_json,
 )
 from build_mar import DEMO_MODEL_NAME
-from reference import reference_probabilities, timm_transform
 from tqdm import tqdm
-from ts_server import TorchServe
 
-from handler import oip
 from handler.config import BACKENDS, PRECISIONS, HandlerConfig
 from handler.engine import InferenceEngine
+from image_batch_client import oip
+from tests.harness.reference import reference_probabilities, timm_transform
+from tests.harness.ts_server import TorchServe
 
 OURS = DEMO_MODEL_NAME
 STOCK = f"{OURS}_stock"

@@ -2,16 +2,16 @@
 # Make the venvs that stand in for the lent GPU machine, to check on a CPU that the engine and gpu_check.py run
 # there (not part of CI: the torch 2.11 wheels alone are ~3 GB).
 #
-#   scripts/make_gpu_venv.sh lent [DIR]   torch 2.11 + torchvision 0.26 (the lent machine's releases) with what that
+#   bench/make_gpu_venv.sh lent [DIR]   torch 2.11 + torchvision 0.26 (the lent machine's releases) with what that
 #                                         machine has besides (timm, numpy, Pillow, pytest, scikit-image) and the
 #                                         demo's weights package; default DIR /tmp/gpu-venv-torch2.11
-#   scripts/make_gpu_venv.sh bare [DIR]   torch, torchvision, numpy and Pillow only, the project's torch release;
+#   bench/make_gpu_venv.sh bare [DIR]   torch, torchvision, numpy and Pillow only, the project's torch release;
 #                                         default DIR /tmp/gpu-venv-bare
 #
 # Then, from the repository root:
 #   DIR/bin/python -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_device_decode.py \
 #       tests/test_gpu_check.py tests/test_gpu.py        (lent venv)
-#   DIR/bin/python scripts/gpu_check.py --quick --deadline 120
+#   DIR/bin/python bench/gpu_check.py --quick --deadline 120
 set -euo pipefail
 
 kind=${1:-lent}

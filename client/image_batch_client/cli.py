@@ -1,14 +1,16 @@
-#!/usr/bin/env python3
 """Classify images with the model TorchServe serves: one answer per image, in input order.
 
-    python scripts/client.py photo.jpg more_photos/              # a readable line per image
-    python scripts/client.py --jsonl more_photos/ > answers.jsonl   # one JSON object per image, nothing else
-    python scripts/client.py --model NAME --url http://HOST:8080 --key-file PATH photo.jpg
-    python scripts/client.py --outputs embedding --jsonl photos/ > vectors.jsonl   # image embeddings
+    image-batch-client photo.jpg more_photos/              # a readable line per image
+    image-batch-client --jsonl more_photos/ > answers.jsonl   # one JSON object per image, nothing else
+    image-batch-client --model NAME --url http://HOST:8080 --key-file PATH photo.jpg
+    image-batch-client --outputs embedding --jsonl photos/ > vectors.jsonl   # image embeddings
+    (python -m image_batch_client ... is the same command)
 
-Works from any directory: the key file is --key-file, else ./key_file.json, else the repo root's (where
-scripts/serve.sh starts TorchServe). By default images travel as Open Inference Protocol binary
-requests of up to 32 images and 8 MB, sent concurrently (the fastest measured way; docs/benchmarks.md).
+Works from any directory: the key file is --key-file, else ./key_file.json, else the repository root's when the
+client is installed from a checkout's client/ folder (where scripts/serve.sh starts TorchServe). Files in the
+directories named that have no image suffix are skipped, and listed on stderr. By default images travel as Open
+Inference Protocol binary requests of up to 32 images and 8 MB, sent concurrently (the fastest measured way; the
+repository's docs/benchmarks.md).
 A request TorchServe refuses for now (503: its queue is full, or the model has no worker) is sent again
 after a jittered, doubling wait, 5 times at most (--retries N; --no-retry turns it off); each retry is a
 line on stderr and the summary counts them.
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from ts_client import (
+from image_batch_client.client import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_IMAGES,
@@ -37,6 +39,7 @@ from ts_client import (
     DEFAULT_RETRIES,
     DEFAULT_TRANSPORT,
     DEFAULT_URL,
+    IMAGE_SUFFIXES,
     OUTPUTS,
     TRANSPORTS,
     Client,
@@ -92,6 +95,15 @@ def retry_summary(retried: Sequence[Retry]) -> str:
     return f", {len(retried)} retr{'y' if len(retried) == 1 else 'ies'} ({reasons})"
 
 
+def skipped_line(skipped: Sequence[Path], shown: int = 5) -> str:
+    """Files found in the folders given but not sent, because their names do not end in an image suffix."""
+    names = ", ".join(str(path) for path in skipped[:shown]) + (f", ... ({len(skipped) - shown} more)"
+                                                                 if len(skipped) > shown else "")
+    suffixes = " ".join(sorted(IMAGE_SUFFIXES))
+    return (f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} without an image suffix ({suffixes}): "
+            f"{names}; name a file on the command line to send it anyway")
+
+
 def readable(path: Path, entry: dict) -> str:
     if "error" in entry:
         return f"{path}: error {entry['error'].get('status')}: {entry['error'].get('message')}"
@@ -104,11 +116,13 @@ def readable(path: Path, entry: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="image-batch-client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", type=Path, help="image files or directories (searched recursively)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"TorchServe inference URL (default {DEFAULT_URL})")
-    parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json (default: ./ or the repo root's)")
+    parser.add_argument("--key-file", type=Path,
+                        help="TorchServe's key_file.json (default: ./key_file.json, else the checkout's)")
     parser.add_argument("--jsonl", action="store_true",
                         help='print one JSON object per image, {"file": ..., plus its entry}, and nothing else')
     parser.add_argument("--topk", type=int, help="classes per image (default: the server's, 5)")
@@ -148,7 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     try:
-        files = image_files(args.images)
+        skipped: list[Path] = []
+        files = image_files(args.images, skipped)
+        if skipped:
+            print(skipped_line(skipped), file=sys.stderr)
         if not files:
             print(f"no image files in {', '.join(map(str, args.images))}", file=sys.stderr)
             return 2
@@ -176,7 +193,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{images}: {len(files) - failed} answered, {failed} with an error ({time.monotonic() - started:.1f} s)"
           f"{retry_summary(client.retried)}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,8 +6,8 @@ ImageNet-size photos is sent as one JSON request asking for ``topk``, for ``embe
 round after round in turn (so machine noise hits all three alike); per output choice: median latency and
 images/s. One forward serves every output, so an embedding should cost no more than a classification.
 
-    python scripts/bench_outputs.py                   # 32 photos, 9 rounds
-    python scripts/bench_outputs.py --quick           # a smoke run: 8 photos, 2 rounds; recommends nothing
+    python bench/bench_outputs.py                   # 32 photos, 9 rounds
+    python bench/bench_outputs.py --quick           # a smoke run: 8 photos, 2 rounds; recommends nothing
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import requests
 from bench_common import DEFAULT_OUT, REPO, format_table, load_set, machine_info, write_json
-from ts_server import TorchServe
+
+from tests.harness.ts_server import TorchServe
 
 CHOICES = {"topk": ["topk"], "embedding": ["embedding"], "topk + embedding": ["topk", "embedding"]}
 

@@ -17,10 +17,10 @@ Each --backends x --precisions pair is chosen as the server chooses it (handler.
 photos, its fallbacks): the table shows the step that actually ran, so a precision refused by the accuracy gate
 or a backend missing here shows up as the fallback that served instead.
 
-    python scripts/autotune.py                                   # the demo archive, ~1 minute on 2 cores
-    python scripts/autotune.py --workers 1 2 --latency-bound-ms 3000 --write model-config.yaml
-    python scripts/autotune.py --backends eager openvino inductor --precisions fp32 bf16 --max-batch 16
-    python scripts/autotune.py --quick                           # a smoke run (seconds) that recommends nothing
+    python bench/autotune.py                                   # the demo archive, ~1 minute on 2 cores
+    python bench/autotune.py --workers 1 2 --latency-bound-ms 3000 --write model-config.yaml
+    python bench/autotune.py --backends eager openvino inductor --precisions fp32 bf16 --max-batch 16
+    python bench/autotune.py --quick                           # a smoke run (seconds) that recommends nothing
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ The HTTP status a handler sets does not travel over gRPC: an error is only in th
 
 Token authorization applies: the key travels as gRPC metadata ``authorization: Bearer <key>``
 (TorchServe's GRPCInterceptor answers PERMISSION_DENIED without it). Needs ``grpcio`` and
-``protobuf`` (installed with tritonclient[grpc]).
+``protobuf``: the client's ``grpc`` extra (``pip install grpcio protobuf``).
 """
 
 from __future__ import annotations
