@@ -207,7 +207,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=30.0, help="stop a setting's requests after this long")
     parser.add_argument("--latency-bound-ms", type=float, default=5000.0,
                         help="p95 latency per request that the chosen setting must keep")
-    parser.add_argument("--queue-budget-s", type=float, default=5.0,
+    parser.add_argument("--queue-budget-s", type=float, default=10.0,
                         help="seconds a one-image request may wait in a full queue: sizes jobQueueSize (past it "
                              "TorchServe answers 503 at once)")
     parser.add_argument("--write", type=Path, metavar="MODEL_CONFIG_YAML",

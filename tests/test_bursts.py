@@ -1,7 +1,7 @@
 """Bursts against real TorchServe servers: the demo's queue holds a burst the stock one refuses, and the client
 rides out 503s (a tiny queue), or gives up within its bound with a message (a model with no worker).
 
-The latency budget the queue is sized for (5 s on a quiet 2-core machine) is a measurement, in
+The latency budget the queue is sized for (10 s on a quiet 2-core machine) is a measurement, in
 docs/benchmarks.md ("Bursts"); here a burst only has to be answered in full, each request within a bound that
 holds on a busy machine too.
 """

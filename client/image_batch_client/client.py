@@ -53,8 +53,7 @@ DEFAULT_MAX_IMAGES = 32  # images per request; the server's own limit is max_ima
 DEFAULT_MAX_BYTES = 8_000_000  # bytes of images per request (a request holds at least one image)
 DEFAULT_CONCURRENCY = 16  # requests in flight; TorchServe batches up to batchSize of them per handler call
 # Retrying a refused request: waits of 0.5, 1, 2, 4, 8 s at most (each at least half of that, the rest random,
-# so that clients refused together do not come back together): 15.5 s in all, enough for the demo's queue to
-# drain (README, "Bursts and 503").
+# so that clients refused together do not come back together): 15.5 s in all (README, "Bursts and 503").
 DEFAULT_RETRIES = 5
 DEFAULT_RETRY_DELAY = 0.5  # s, the longest first wait; it doubles with each retry ...
 DEFAULT_RETRY_DELAY_MAX = 8.0  # ... up to this
