@@ -70,7 +70,7 @@ def test_each_library_states_its_own_preprocessing():
     ("fasterrcnn_resnet50_fpn", "unknown architecture"),  # torchvision has it, but not as a classifier
 ])
 def test_unknown_architectures_get_a_clear_error(arch, message, tmp_path, capsys):
-    assert build_mar.main(["--arch", arch, "--export-path", str(tmp_path)]) == 2
+    assert build_mar.main(["--arch", arch, "--export-path", str(tmp_path), "--skip-step-check"]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -81,7 +81,7 @@ def test_unknown_architectures_get_a_clear_error(arch, message, tmp_path, capsys
 ])
 def test_a_misspelt_architecture_gets_the_names_it_was_close_to(arch, suggested, tmp_path, capsys):
     """Named in the message itself: no command to paste that would need the project's venv."""
-    assert build_mar.main(["--arch", arch, "--export-path", str(tmp_path)]) == 2
+    assert build_mar.main(["--arch", arch, "--export-path", str(tmp_path), "--skip-step-check"]) == 2
     error = capsys.readouterr().err
     assert suggested in error and "python -c" not in error
 
@@ -138,7 +138,14 @@ def test_an_archive_records_everything_the_handler_needs(resnet18_weights, tmp_p
     assert (config["handler"]["resize_size"], config["handler"]["crop_size"]) == (256, 224)  # IMAGENET1K_V1's
     assert config["maxWorkers"] == yaml.safe_load((REPO / "model-config.yaml").read_text())["maxWorkers"]
     assert info["weights"]["file"] == "r18.pt" and len(info["weights"]["sha256"]) == 64
-    assert "num_classes    10" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "num_classes    10" in printed
+    # the model step chosen and checked here as the server will: printed and recorded (what build_mar.py checks is
+    # the same choose_model_step the worker runs; tests/test_backends.py tests the choice itself)
+    step = info["model_step"]
+    assert step["backend"] in {"openvino", "inductor", "eager"} and step["precision"] == "fp32"
+    assert step["checked_by"] == "build_mar.py on the build machine" and step["device"] == "cpu"
+    assert f"model step: {step['backend']} fp32" in printed
     with zipfile.ZipFile(tmp_path / "r18.mar") as archive:
         code = {name for name in archive.namelist() if name.endswith(".py")}
     # the handler and, of the client package, only the wire format it imports (standard library only)
@@ -149,17 +156,17 @@ def test_an_archive_records_everything_the_handler_needs(resnet18_weights, tmp_p
 
 def test_a_checkpoint_with_a_wrapped_prefixed_state_dict_is_accepted(resnet18_weights, tmp_path):
     assert build_mar.main(["--arch", "resnet18", "--weights", str(resnet18_weights / "checkpoint.pt"),
-                           "--export-path", str(tmp_path)]) == 0
+                           "--export-path", str(tmp_path), "--skip-step-check"]) == 0
 
 
 def test_weights_for_another_head_size_are_refused_when_num_classes_is_fixed(resnet18_weights, tmp_path, capsys):
     assert build_mar.main(["--arch", "resnet18", "--weights", str(resnet18_weights / "r18.pt"), "--num-classes",
-                           "1000", "--export-path", str(tmp_path)]) == 2
+                           "1000", "--export-path", str(tmp_path), "--skip-step-check"]) == 2
     assert "fc.weight has shape (10, 512) in the file but (1000, 512) in resnet18" in capsys.readouterr().err
 
 
 def test_an_archive_of_another_model_is_not_replaced_without_force(resnet18_weights, tmp_path, capsys):
-    common = ["--model-name", "mine", "--export-path", str(tmp_path)]
+    common = ["--model-name", "mine", "--export-path", str(tmp_path), "--skip-step-check"]
     assert build_mar.main(["--arch", "resnet18", "--weights", str(resnet18_weights / "r18.pt"), *common]) == 0
     before = (tmp_path / "mine.mar").read_bytes()
     assert build_mar.main(["--arch", "resnet34", *common]) == 2
@@ -172,7 +179,7 @@ def test_an_archive_of_another_model_is_not_replaced_without_force(resnet18_weig
 
 def test_if_changed_skips_an_up_to_date_archive_and_rebuilds_a_changed_one(resnet18_weights, tmp_path, capsys):
     args = ["--arch", "resnet18", "--weights", str(resnet18_weights / "r18.pt"), "--export-path", str(tmp_path),
-            "--if-changed"]
+            "--if-changed", "--skip-step-check"]
     assert build_mar.main(args) == 0
     assert build_mar.main(args) == 0
     assert "is up to date" in capsys.readouterr().out
