@@ -2,16 +2,19 @@
 what a scripted HTTP server refuses (tests/test_bursts.py does the same against real TorchServe servers)."""
 
 import json
+import os
 import random
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from conftest import REPO
 
+import image_batch_client
 from image_batch_client.cli import parse_args
 from image_batch_client.client import (
     DEFAULT_RETRIES,
@@ -29,8 +32,12 @@ from tests.harness.ts_server import free_port
 
 
 def run_cli(*args, cwd):
+    """The command line of the image_batch_client these tests import (under mutation testing: the mutants' copy, not
+    the one .venv has installed)."""
+    package_root = Path(image_batch_client.__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(package_root), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "image_batch_client", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=env)
 
 
 @pytest.mark.parametrize(
