@@ -7,8 +7,10 @@ demo's weights into --model-store (rebuilt only when the handler, the config or 
   efficientnet_lite0_stock   TorchServe's stock image_classifier with the model's own transforms (--stock)
   efficientnet_lite0         ours
   efficientnet_lite0_recipe  ours with decode_strategy: dataloader (a DataLoader per request), unless --no-recipe
-and sends each request of N images four ways:
+and sends each request of N images these ways:
   ours                   one multipart request (fields image0..imageN-1) to our archive
+  ours OIP               one Open Inference Protocol request, images as binary BYTES (the client's format)
+  ours gRPC              the same OIP binary body as one request to TorchServe's gRPC Predictions API
   ours, one per request  N concurrent one-image requests to our archive, exactly as to the stock one
   stock                  N concurrent one-image requests to the stock archive (TorchServe batches them,
                          same batchSize)
@@ -51,6 +53,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import requests
 import torch
 import yaml
@@ -82,6 +85,7 @@ from tqdm import tqdm
 from handler.config import BACKENDS, PRECISIONS, HandlerConfig
 from handler.engine import InferenceEngine
 from image_batch_client import oip
+from image_batch_client.grpc_transport import GrpcPredictions
 from tests.harness.reference import reference_probabilities, timm_transform
 from tests.harness.ts_server import TorchServe
 
@@ -97,20 +101,25 @@ class Method:
 
     name: str
     archive: str
-    one_image_per_request: bool  # N concurrent one-image requests; else one request of N images
+    transport: str  # one of TRANSPORTS: N concurrent one-image requests, or one request of N images sent this way
     label: str
     color: str
-    oip_binary: bool = False  # the one request as an Open Inference Protocol binary body; else multipart
+
+
+TRANSPORTS = {"one-image": "one image per request", "multipart": "one multipart request",
+              "oip-binary": "one OIP binary request", "grpc": "one gRPC request (OIP binary body)"}
 
 
 METHODS = (
-    Method("ours", OURS, False, "ours, one multipart request", "tab:green"),
-    Method("ours_oip", OURS, False, "ours, one OIP binary request", "tab:cyan", oip_binary=True),
-    Method("ours_one_per_request", OURS, True, "ours, N one-image requests", "tab:olive"),
-    Method("stock", STOCK, True, "stock image_classifier, N one-image requests", "tab:red"),
-    Method("recipe", RECIPE, False, "recipe (DataLoader per request), one multipart request", "tab:blue"),
+    Method("ours", OURS, "multipart", "ours, one multipart request", "tab:green"),
+    Method("ours_oip", OURS, "oip-binary", "ours, one OIP binary request", "tab:cyan"),
+    Method("ours_grpc", OURS, "grpc", "ours, one gRPC request (OIP binary body)", "tab:purple"),
+    Method("ours_one_per_request", OURS, "one-image", "ours, N one-image requests", "tab:olive"),
+    Method("stock", STOCK, "one-image", "stock image_classifier, N one-image requests", "tab:red"),
+    Method("recipe", RECIPE, "multipart", "recipe (DataLoader per request), one multipart request", "tab:blue"),
 )
 METHOD = {method.name: method for method in METHODS}
+OURS_METHODS = ("ours", "ours_oip", "ours_grpc", "ours_one_per_request")
 
 
 @dataclass
@@ -229,16 +238,31 @@ def multipart_request(url: str, headers: dict[str, str], images: Sequence[bytes]
     return ok and all("topk" in entry for entry in body), body
 
 
+def oip_binary_body(images: Sequence[bytes]) -> tuple[bytes, int]:
+    """An Open Inference Protocol request with the images as binary BYTES (the client's way, unsplit)."""
+    return oip.build_request([oip.Tensor("images", oip.BYTES, (len(images),), list(images))], binary=True,
+                             outputs=[oip.RequestedOutput("predictions", False)])
+
+
+def answers_every_image(oip_json_response: bytes | str, images: Sequence[bytes]) -> bool:
+    [predictions] = [out for out in json.loads(oip_json_response)["outputs"] if out["name"] == "predictions"]
+    return len(predictions["data"]) == len(images)
+
+
 def oip_binary_request(url: str, headers: dict[str, str], images: Sequence[bytes]) -> bool:
-    """One Open Inference Protocol request with the images as binary BYTES (the client's way, unsplit)."""
-    body, length = oip.build_request([oip.Tensor("images", oip.BYTES, (len(images),), list(images))], binary=True,
-                                     outputs=[oip.RequestedOutput("predictions", False)])
+    body, length = oip_binary_body(images)
     headers = {**headers, "Content-Type": oip.BINARY_CONTENT_TYPE, oip.HEADER_LENGTH: str(length)}
     response = session().post(url, data=body, headers=headers, timeout=600)
-    if not response.ok:
+    return response.ok and answers_every_image(response.content, images)
+
+
+def grpc_request(predictions: GrpcPredictions, model: str, images: Sequence[bytes]) -> bool:
+    """The same OIP binary body through TorchServe's gRPC Predictions API (the client's ``--transport grpc``)."""
+    body, _ = oip_binary_body(images)
+    try:
+        return answers_every_image(predictions.predict(model, {"body": body}, timeout=600), images)
+    except grpc.RpcError:
         return False
-    [predictions] = [out for out in response.json()["outputs"] if out["name"] == "predictions"]
-    return len(predictions["data"]) == len(images)
 
 
 def fan_out_request(url: str, headers: dict[str, str], images: Sequence[bytes], pool: ThreadPoolExecutor) -> bool:
@@ -290,7 +314,7 @@ def cell_row(set_name: str, method: Method, size: int, concurrency: int, request
     latencies_ms = [1e3 * s for s in cell.latencies]
     return {
         "set": set_name, "method": method.name, "archive": method.archive, "label": method.label,
-        "transport": "one image per request" if method.one_image_per_request else "one multipart request",
+        "transport": TRANSPORTS[method.transport],
         "images_per_request": size, "concurrency": concurrency, "requested": requested,
         "requests": len(cell.latencies), "images": cell.images, "errors": cell.errors, "wall_s": cell.wall_s,
         "images_per_s": cell.images / cell.wall_s if cell.wall_s else 0.0,
@@ -299,16 +323,19 @@ def cell_row(set_name: str, method: Method, size: int, concurrency: int, request
     }
 
 
-def senders(server: TorchServe, methods: Sequence[Method], pool: ThreadPoolExecutor) -> dict[str, Callable]:
+def senders(server: TorchServe, methods: Sequence[Method], pool: ThreadPoolExecutor,
+            predictions: GrpcPredictions) -> dict[str, Callable]:
     headers = server.headers()
     result: dict[str, Callable[[list[bytes]], bool]] = {}
     for method in methods:
         url = f"{server.inference_url}/predictions/{method.archive}"
-        if method.one_image_per_request:
+        if method.transport == "one-image":
             result[method.name] = lambda batch, url=url: fan_out_request(url, headers, batch, pool)
-        elif method.oip_binary:
+        elif method.transport == "oip-binary":
             oip_url = f"{server.inference_url}/v2/models/{method.archive}/infer"
             result[method.name] = lambda batch, url=oip_url: oip_binary_request(url, headers, batch)
+        elif method.transport == "grpc":
+            result[method.name] = lambda batch, name=method.archive: grpc_request(predictions, name, batch)
         else:
             result[method.name] = lambda batch, url=url: multipart_request(url, headers, batch)[0]
     return result
@@ -319,8 +346,9 @@ def benchmark(server: TorchServe, methods: Sequence[Method], args: argparse.Name
     totals = {size: max(args.requests, math.ceil(args.min_images / size)) for size in args.sizes}
     rows = []
     pool_size = min(512, max(args.sizes) * max(args.concurrency))
-    with ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="fan-out") as pool:
-        send = senders(server, methods, pool)
+    with (ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="fan-out") as pool,
+          GrpcPredictions(server.grpc_inference_address, server.keys["inference"]) as predictions):
+        send = senders(server, methods, pool, predictions)
         total_requests = sum(totals[size] + 1 for _, size, _, _ in plan)
         with tqdm(total=total_requests, desc="requests through TorchServe", unit="req", dynamic_ncols=True) as progress:
             for set_name, size, concurrency, method in plan:
@@ -386,7 +414,7 @@ def summarize_runs(rows: Sequence[dict[str, Any]], alone: Sequence[dict[str, Any
     summary = []
     for set_name, size in dict.fromkeys((r["set"], r["images_per_request"]) for r in rows):
         best = best_rows(rows, set_name, size)
-        candidates = [best[name] for name in ("ours", "ours_oip", "ours_one_per_request") if name in best]
+        candidates = [best[name] for name in OURS_METHODS if name in best]
         if not candidates:
             continue
         ours = max(candidates, key=lambda r: r["images_per_s"])
@@ -422,7 +450,7 @@ def request_times(rows: Sequence[dict[str, Any]], alone: Sequence[dict[str, Any]
         if alone_ips:
             entry["model_alone_ms"] = 1e3 * size / alone_ips
         if "stock" in cell:
-            for name in ("ours", "ours_oip", "ours_one_per_request"):
+            for name in OURS_METHODS:
                 if name in cell:
                     entry[f"{name}_speedup"] = cell["stock"]["p50_ms"] / cell[name]["p50_ms"]
         table.append(entry)
@@ -530,12 +558,14 @@ def report(rows, alone, times, summary, agreement, breakdown) -> str:
         ("set", "set"), ("images_per_request", "N"), ("concurrency", "clients"),
         ("ours_p50_ms", "ours, 1 request", "one multipart request of N images"),
         ("ours_oip_p50_ms", "ours, 1 OIP", "one OIP binary request of N images"),
+        ("ours_grpc_p50_ms", "ours, 1 gRPC", "one gRPC request of N images (OIP binary body)"),
         ("ours_one_per_request_p50_ms", "ours, N requests", "N concurrent one-image requests (batched by TorchServe)"),
         ("stock_p50_ms", "stock, N requests", "stock image_classifier, N concurrent one-image requests"),
         ("recipe_p50_ms", "recipe, 1 request"),
         ("model_alone_ms", "model alone", "the model's forward passes for N images, no server, no decode"),
         ("ours_speedup", "stock/ours (1 req)", "stock p50 / ours p50, one multipart request (> 1: ours is faster)"),
         ("ours_oip_speedup", "stock/ours (1 OIP)", "stock p50 / ours p50, one OIP binary request"),
+        ("ours_grpc_speedup", "stock/ours (1 gRPC)", "stock p50 / ours p50, one gRPC request"),
         ("ours_one_per_request_speedup", "stock/ours (N req)", "stock p50 / ours p50, N one-image requests")]))
     parts.append(format_table(alone, [
         ("batch", "model-alone batch"), ("threads", "torch threads"), ("median_s", "median s"),

@@ -122,6 +122,8 @@ def inductor_step(model: torch.nn.Module, precision: str, cache_dir: Path, chann
     """
     import torch._dynamo.utils
 
+    if all(parameter.device.type == "cpu" for parameter in model.parameters()):
+        require_cpp_compiler()
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
     module = model if precision == "fp32" else copy.deepcopy(model).to(DTYPES[precision])
     if channels_last:
@@ -136,6 +138,16 @@ def inductor_step(model: torch.nn.Module, precision: str, cache_dir: Path, chann
 
     return ModelStep(INDUCTOR, precision, forward, static_shapes=True,
                      graphs_built=lambda: counters["unique_graphs"] - start)
+
+
+def require_cpp_compiler() -> None:
+    """Fail now, naming what was searched, rather than after tracing the model at warm-up (~17 s for the demo):
+    inductor compiles C++ for the CPU."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: the first compile will say it instead
+        return
+    get_cpp_compiler()
 
 
 def openvino_step(model: torch.nn.Module, precision: str, crop_size: int, threads: int, cache_dir: Path,

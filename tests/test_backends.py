@@ -241,11 +241,16 @@ def test_a_missing_openvino_falls_back_to_eager_with_the_reason(split_demo, phot
 def test_inductor_without_a_cpp_compiler_falls_back_to_eager(split_demo, photos, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     tiny_gate = gate_images(split_demo, photos[:4], tmp_path)
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *args, **kw: compiled.append(args) or real_compile(*args, **kw))
     with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):  # no C++ compiler to be found
         step, choice = choose_model_step(demo_config(tmp_path, backend="inductor", max_batch=4), split_demo, CPU,
                                          tiny_gate, "demo", flags=PLAIN_CPU)
     assert step.describe() == "eager fp32"
     assert len(choice.rejected) == 1 and choice.rejected[0].startswith("inductor fp32: ")
+    assert "No working C++ compiler found" in choice.rejected[0] and "/nonexistent/c++" in choice.rejected[0]
+    assert compiled == []  # refused before torch.compile traced the model (~17 s for the demo)
 
 
 def test_openvino_is_refused_on_cuda_by_name(split_demo, tmp_path):

@@ -113,6 +113,9 @@ def test_the_readme_recipe_as_pasted_serves_your_own_model_under_your_name(home,
 
     processes = torchserve_processes(home)
     assert processes
+    vmargs = next(line.split("=", 1)[1].split() for line in (REPO / "config.properties").read_text().splitlines()
+                  if line.startswith("vmargs="))
+    assert set(vmargs) <= set(processes[0].cmdline()), processes[0].cmdline()  # the JVM got config.properties' flags
     stopped, _ = serve(home, "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)  # gone when it says so
