@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,13 @@ SAMPLES = {"cat.jpg": "chelsea.png", "coffee.jpg": "coffee.png", "cameraman.jpg"
            "rocket.jpg": "rocket.jpg", "astronaut.png": "astronaut.png"}
 
 
+def write_atomically(path: Path, payload: bytes) -> None:
+    """Readers (another test process making the same files) see the old file or the whole new one, never a part."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    staged.write_bytes(payload)
+    staged.replace(path)
+
+
 def write_samples(out: Path) -> Path:
     """The sample photos the README and scripts/serve.sh use (skipped when already there)."""
     import skimage
@@ -140,7 +148,7 @@ def write_samples(out: Path) -> Path:
         if not target.exists():
             photo = Image.open(folder / source).convert("RGB")
             fmt = "PNG" if name.endswith(".png") else "JPEG"
-            target.write_bytes(encode(photo, fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+            write_atomically(target, encode(photo, fmt, **({"quality": 95} if fmt == "JPEG" else {})))
     return out
 
 
@@ -153,11 +161,11 @@ def write_corpus(out: Path, imagenet: int = 64, phone: int = 32) -> Path:
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         for index, payload in enumerate(images):
-            (folder / f"{name}_{index:03d}.jpg").write_bytes(payload)
+            write_atomically(folder / f"{name}_{index:03d}.jpg", payload)
     mixed = out / "mixed"
     mixed.mkdir(parents=True, exist_ok=True)
     for name, payload in mixed_set().items():
-        (mixed / name).write_bytes(payload)
+        write_atomically(mixed / name, payload)
     stamp.touch()
     return out
 

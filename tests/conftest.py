@@ -58,7 +58,8 @@ def phone_photos(corpus: Path) -> list[bytes]:
 
 @pytest.fixture(scope="session")
 def mixed_images(corpus: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted((corpus / "mixed").iterdir())}
+    return {path.name: path.read_bytes() for path in sorted((corpus / "mixed").iterdir())
+            if not path.name.startswith(".")}  # hidden: a file another test process is writing
 
 
 # The demo's preprocessing as timm's pretrained config states it (tf_efficientnet_lite0.in1k), written out

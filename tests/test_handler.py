@@ -229,7 +229,11 @@ def test_each_metric_gets_its_own_value_in_its_own_unit():
 def test_a_step_that_fails_at_warm_up_is_replaced_by_eager_fp32(model_dir, imagenet_photos, tmp_path,
                                                                  monkeypatch, caplog):
     """No gate photos in this archive, so inductor's compiler first runs at warm-up: without a working C++
-    compiler it fails there, and the eager model serves."""
+    compiler it fails there, and the eager model serves. (The step's own compiler check, which refuses it before
+    warm-up, is switched off here: tests/test_backends.py tests it.)"""
+    from handler import backends
+
+    monkeypatch.setattr(backends, "require_cpp_compiler", lambda: None)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing compiled before
     caplog.set_level(logging.WARNING)
     handler = ImageBatchHandler()
