@@ -27,10 +27,12 @@ PY
 second_chain=(tests/test_benchmarks.py tests/test_image.py tests/test_models.py tests/test_build.py
               tests/test_gpu_check.py tests/test_client_package.py)
 side_dir=$(mktemp -d)
+echo ">> beside these: tests/test_backends.py, then ${second_chain[*]} (their output follows at the end)"
 (
     status=0
-    python -X faulthandler -m pytest -ra --basetemp "$side_dir/backends" tests/test_backends.py || status=1
-    python -X faulthandler -m pytest -ra --basetemp "$side_dir/second" "${second_chain[@]}" || status=1
+    side_pytest=(python -X faulthandler -m pytest -ra -p no:cacheprovider)  # one process writes .pytest_cache
+    "${side_pytest[@]}" --basetemp "$side_dir/backends" tests/test_backends.py || status=1
+    "${side_pytest[@]}" --basetemp "$side_dir/second" "${second_chain[@]}" || status=1
     exit $status
 ) > "$side_dir/output.txt" 2>&1 &
 side_pid=$!

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from handler.model import (
     check_weights_fit,
     load_labels,
     load_model,
+    read_build_info,
     read_gate_images,
     read_state_dict,
     resolve_device,
@@ -61,8 +63,9 @@ def test_auto_takes_the_gpu_torchserve_assigned_and_gpu_0_when_none_was(monkeypa
 def test_auto_without_cuda_is_the_cpu_and_cuda_without_cuda_says_what_to_set(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto", gpu_id=1) == torch.device("cpu")
-    with pytest.raises(ConfigError, match=r"device is 'cuda' but CUDA is not available here; use device: auto or cpu"):
+    with pytest.raises(ConfigError) as refused:
         resolve_device("cuda")
+    assert str(refused.value) == "device is 'cuda' but CUDA is not available here; use device: auto or cpu"
 
 
 # --- load_model ------------------------------------------------------------------------------------------------
@@ -114,6 +117,14 @@ def test_a_weights_file_that_runs_code_when_unpickled_is_refused_without_running
     assert not marker.exists()
 
 
+def test_weights_of_another_shape_name_the_architecture_they_do_not_fit(small_weights, tmp_path):
+    _, state_dict = small_weights
+    path = tmp_path / "other.pt"
+    torch.save({k: v for k, v in state_dict.items() if not k.startswith("classifier.3.")}, path)
+    with pytest.raises(WeightsMismatch, match=r"^the weights do not fit mobilenet_v3_small: 2 of its tensors"):
+        load_model(make_config(architecture=SMALL, num_classes=CLASSES), path, torch.device("cpu"))
+
+
 def test_a_weights_file_without_a_state_dict_is_named(tmp_path):
     path = tmp_path / "tensors.pt"
     torch.save([torch.zeros(3)], path)
@@ -134,6 +145,24 @@ def test_a_file_that_is_not_a_torch_save_names_torchs_error(tmp_path):
         first_line = str(error).strip().splitlines()[0]
         expected = f"{path} is not a state_dict saved with torch.save ({type(error).__name__}: {first_line})"
     assert str(raised.value) == expected
+
+
+def test_safetensors_files_are_read(small_weights, tmp_path):
+    from safetensors.torch import save_file
+
+    _, state_dict = small_weights
+    path = tmp_path / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    loaded = read_state_dict(path)
+    assert loaded.keys() == state_dict.keys() and all(torch.equal(loaded[k], v) for k, v in state_dict.items())
+
+
+def test_a_zip_that_is_not_a_torch_save_is_refused_as_not_a_state_dict(tmp_path):
+    path = tmp_path / "weights.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes/readme.txt", "no pickle in here")
+    with pytest.raises(WeightsMismatch, match=r"is not a state_dict saved with torch\.save \("):
+        read_state_dict(path)
 
 
 def test_a_dict_with_something_besides_tensors_is_not_a_state_dict(tmp_path):
@@ -179,6 +208,12 @@ def test_absent_batchnorm_counters_are_accepted_and_filled_in(small_weights):
 
 
 # --- the archive's side files -------------------------------------------------------------------------------------
+
+def test_an_archive_without_build_info_has_none(tmp_path):
+    assert read_build_info(tmp_path) == {}
+    (tmp_path / "build_info.json").write_text('{"weights": {"source": "random", "seed": 3}}')
+    assert read_build_info(tmp_path) == {"weights": {"source": "random", "seed": 3}}
+
 
 def test_gate_photos_are_the_folders_jpegs_in_name_order(tmp_path):
     folder = tmp_path / "gate_images"
