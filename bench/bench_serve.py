@@ -113,7 +113,7 @@ TRANSPORTS = {"one-image": "one image per request", "multipart": "one multipart 
 METHODS = (
     Method("ours", OURS, "multipart", "ours, one multipart request", "tab:green"),
     Method("ours_oip", OURS, "oip-binary", "ours, one OIP binary request", "tab:cyan"),
-    Method("ours_grpc", OURS, "grpc", "ours, one gRPC request (OIP binary body)", "tab:purple"),
+    Method("ours_grpc", OURS, "grpc", "ours, one gRPC request (OIP binary body)", "tab:pink"),
     Method("ours_one_per_request", OURS, "one-image", "ours, N one-image requests", "tab:olive"),
     Method("stock", STOCK, "one-image", "stock image_classifier, N one-image requests", "tab:red"),
     Method("recipe", RECIPE, "multipart", "recipe (DataLoader per request), one multipart request", "tab:blue"),
@@ -150,7 +150,7 @@ def session() -> requests.Session:
 
 def step_method(spec: str) -> Method:
     backend, precision = spec.split(":")
-    return Method(f"ours_{backend}_{precision}", f"{OURS}_{backend}_{precision}", False,
+    return Method(f"ours_{backend}_{precision}", f"{OURS}_{backend}_{precision}", "multipart",
                   f"ours, backend {backend} {precision}, one multipart request", "tab:purple")
 
 

@@ -157,6 +157,14 @@ def test_bench_serve_quick(tmp_path, archives):
     assert_png(tmp_path / "bench_serve.png")
 
 
+def test_every_bench_serve_method_names_a_way_of_sending_it_knows():
+    import bench_serve
+
+    methods = [*bench_serve.METHODS, bench_serve.step_method("eager:fp32")]
+    assert {method.transport for method in methods} == set(bench_serve.TRANSPORTS)
+    assert all(method.transport in bench_serve.TRANSPORTS for method in methods)
+
+
 def test_autotune_quick_is_a_smoke_run_that_chooses_nothing(tmp_path, archives):
     completed = run_script("autotune.py", "--quick", "--mar", str(archives / "efficientnet_lite0.mar"),
                            "--out", str(tmp_path))
