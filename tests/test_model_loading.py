@@ -32,12 +32,17 @@ SMALL = "mobilenet_v3_small"  # a torchvision architecture with a Linear head, b
 CLASSES = 10
 
 
-@pytest.fixture(scope="module")
-def small_weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+def fresh_architecture() -> torch.nn.Module:
+    """SMALL as torchvision builds it (not conftest's ``small_model`` fixture, a ResNet-18)."""
     import torchvision
 
+    return torchvision.models.get_model(SMALL, num_classes=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def small_weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    state_dict = torchvision.models.get_model(SMALL, num_classes=CLASSES).state_dict()
+    state_dict = fresh_architecture().state_dict()
     path = tmp_path_factory.mktemp("weights") / "small.pt"
     torch.save(state_dict, path)
     return path, state_dict
@@ -173,19 +178,13 @@ def test_a_dict_with_something_besides_tensors_is_not_a_state_dict(tmp_path):
         read_state_dict(path)
 
 
-def small_model() -> torch.nn.Module:
-    import torchvision
-
-    return torchvision.models.get_model(SMALL, num_classes=CLASSES)
-
-
 def test_missing_tensors_are_counted_and_the_first_is_named(small_weights):
     _, state_dict = small_weights
     partial = {k: v for k, v in state_dict.items() if not k.startswith("classifier.3.")}
     with pytest.raises(WeightsMismatch, match=r"^the weights do not fit mobilenet_v3_small: 2 of its tensors are "
                                               r"missing from the file, the first is classifier\.3\.weight "
                                               r"\(wrong --arch\?\)$"):
-        check_weights_fit(small_model(), partial, SMALL)
+        check_weights_fit(fresh_architecture(), partial, SMALL)
 
 
 def test_extra_tensors_are_counted_and_the_first_is_named(small_weights):
@@ -194,17 +193,17 @@ def test_extra_tensors_are_counted_and_the_first_is_named(small_weights):
     with pytest.raises(WeightsMismatch, match=r"^the weights do not fit mobilenet_v3_small: the file has 2 tensors "
                                               r"mobilenet_v3_small does not have, the first is head\.weight "
                                               r"\(wrong --arch\?\)$"):
-        check_weights_fit(small_model(), extra, SMALL)
+        check_weights_fit(fresh_architecture(), extra, SMALL)
 
 
 def test_absent_batchnorm_counters_are_accepted_and_filled_in(small_weights):
     _, state_dict = small_weights
     without_counters = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     assert len(without_counters) < len(state_dict)
-    check_weights_fit(small_model(), without_counters, SMALL)
+    check_weights_fit(fresh_architecture(), without_counters, SMALL)
     assert set(without_counters) == set(state_dict)
     counter = next(k for k in state_dict if k.endswith("num_batches_tracked"))
-    assert torch.equal(without_counters[counter], small_model().state_dict()[counter])
+    assert torch.equal(without_counters[counter], fresh_architecture().state_dict()[counter])
 
 
 # --- the archive's side files -------------------------------------------------------------------------------------
